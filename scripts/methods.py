@@ -1,0 +1,72 @@
+"""Method registry: ``--method <name>`` selects ``configs/methods/<name>.json``.
+
+A method file holds what differs between methods: the network and loss (as ``_target_`` configs), whether the
+method trains, and its training defaults (epochs, batch size, patch size, learning rate) that the workflow configs
+read and the command line can override (``--epochs 300``). Network arguments can be overridden with
+``--network_overrides "{'fusion_rule': 'average'}"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+
+__all__ = ["available_methods", "load_method_config", "build", "default_checkpoint"]
+
+
+def _methods_dir(bundle_root) -> Path:
+    return Path(bundle_root) / "configs" / "methods"
+
+
+def available_methods(bundle_root=".") -> list[str]:
+    return sorted(p.stem for p in _methods_dir(bundle_root).glob("*.json"))
+
+
+def load_method_config(bundle_root, method: str) -> dict:
+    """The raw (not yet instantiated) content of ``configs/methods/<method>.json``."""
+    path = _methods_dir(bundle_root) / f"{method}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(available_methods(bundle_root))}.")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.setdefault("name", method)
+    cfg.setdefault("trainable", True)
+    return cfg
+
+
+def build(component: dict, overrides: dict | None = None, **kwargs):
+    """Instantiate a ``{"_target_": ..., **args}`` config with ``overrides`` then ``kwargs`` applied on top."""
+    cfg = {**component, **(overrides or {}), **kwargs}
+    return ConfigParser({"c": cfg}).get_parsed_content("c")
+
+
+def default_checkpoint(bundle_root, method: str, output_dir=None) -> str | None:
+    """Weights to use when none are given: ``models/<method>.pt`` (shipped), else the training run's ``model.pt``.
+
+    Returns ``None`` for methods without weights (baselines); raises a clear error for a trainable method with none.
+    """
+    if not load_method_config(bundle_root, method)["trainable"]:
+        return None
+    candidates = [Path(bundle_root) / "models" / f"{method}.pt"]
+    run_dir = Path(output_dir) if output_dir else Path(bundle_root) / "runs" / method
+    candidates += [run_dir / "model.pt", run_dir / "model_final.pt"]
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise FileNotFoundError(
+        f"no weights for method {method!r}: looked for {', '.join(map(str, candidates))}. Train first "
+        f"(python -m monai.bundle run training --config_file configs/train.json --method {method}) "
+        "or pass --ckpt_path <file>."
+    )
+
+
+def require_trainable(method_config: dict) -> None:
+    """Fail before any data is touched when training a method that has nothing to train (a baseline)."""
+    if not method_config.get("trainable", True):
+        raise ValueError(
+            f"method {method_config.get('name')!r} has no trainable parameters; use it directly with "
+            "configs/inference.json or configs/evaluate.json."
+        )
