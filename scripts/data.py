@@ -251,6 +251,11 @@ def build_datalist(
             + f" (layout '{kind}': expected a pairs.csv, a datalist JSON or paired modality folders)."
         )
     names = [it["name"] for it in items]
+    if len(set(names)) != len(names):  # e.g. one slice name shared by several pair types: qualify by pair
+        for it in items:
+            if not str(it["name"]).startswith(f"{it['pair']}_"):
+                it["name"] = f"{it['pair']}_{it['name']}"
+        names = [it["name"] for it in items]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:5]
         raise FusionDataError(f"{dataset_dir}: duplicate pair names {dup}; names must be unique.")
