@@ -179,3 +179,22 @@ def test_cli_inference_with_baseline_and_bad_pair_message(tiny, tmp_path):
     res = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "CT/05.png: image is constant" in res.stderr + res.stdout
+
+
+def test_multi_gpu_config_runs_two_cpu_processes_with_gloo(tiny, tmp_path):
+    from scripts.networks import DRAN
+
+    env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training",
+        "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+        "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+        "--dataset_dir", str(tiny), "--output_dir", str(tmp_path), "--epochs", "1", "--batch_size", "2",
+        "--patch_size", "[32, 32]", "--network_overrides", "{'features': 8}",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    sd = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in sd)  # DDP wrapper is not saved
+    DRAN(**TINY_NET).load_state_dict(sd)
