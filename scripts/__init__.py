@@ -11,4 +11,16 @@
 - ``io``: atomic output writing
 """
 
-from . import data, engine, io, losses, methods, networks, phantom, transforms
+import importlib
+
+_SUBMODULES = (
+    "convert", "data", "engine", "evaluation", "io", "losses", "methods", "metrics", "networks", "phantom", "transforms"
+)
+
+
+def __getattr__(name):
+    # Submodules load on first use (``scripts.data.build_datalist`` in a config), so ``python -m scripts.convert``
+    # does not import everything first and configs still need only ``$import scripts``.
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
