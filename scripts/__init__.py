@@ -5,6 +5,7 @@
 - ``phantom``: the embedded MNI152-derived default dataset
 - ``networks``: one network per method, plus classical baselines
 - ``losses``, ``metrics``: training losses, fusion metrics
+- ``evaluation``, ``figures``: evaluation workflow pieces (metric tables, summaries) and its PIL figures
 - ``engine``: inferer, validation metric and progress bar for the Ignite workflows
 - ``methods``: ``--method`` registry (``configs/methods/<name>.json``)
 - ``convert``: official checkpoint -> bundle weights

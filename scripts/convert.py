@@ -139,8 +139,114 @@ def convert_dran(official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+_W = ("weight",)
+_LN = ("weight", "bias")
+
+
+def _mactfusion_map() -> tuple[dict, tuple[str, ...], dict[str, str], tuple[str, ...]]:
+    """(prefix map, dead prefixes, Sobel pairs ``ours -> official x prefix``, relative-position-index keys)."""
+    pmap: dict[str, tuple[str, tuple[str, ...]]] = {}
+    sobel: dict[str, str] = {}
+    index_keys: list[str] = []
+
+    def sdconv(old: str, new: str) -> None:
+        pmap[old + "main_path.0."] = (new + "norm.", _BN)
+        pmap[old + "main_path.1.conv_dw."] = (new + "dw.", _W)
+        pmap[old + "main_path.1.bn1."] = (new + "dw_norm.", _BN)
+        pmap[old + "main_path.1.conv_pw."] = (new + "pw.", _W)
+        pmap[old + "main_path.1.bn2."] = (new + "pw_norm.", _BN)
+        pmap[old + "main_path.3."] = (new + "proj.", _CONV)
+
+    def transformer(old: str, new: str, cross: bool) -> None:
+        pmap[old + "norm_1."] = (new + "norm1.", _LN)
+        pmap[old + "norm_2."] = (new + "norm2.", _LN)
+        pmap[old + "attention."] = (new + "attn.", ("relative_position_bias_table",))
+        index_keys.append(old + "attention.relative_position_index")
+        for o, n in ((("q", "q"), ("kv", "kv")) if cross else (("qkv_mapping", "qkv"),)) + (("proj", "proj"),):
+            pmap[f"{old}attention.{o}."] = (f"{new}attn.{n}.", _CONV)
+        pmap[old + "mlp.fc1."] = (new + "mlp.0.", _CONV)
+        pmap[old + "mlp.fc2."] = (new + "mlp.2.", _CONV)
+
+    dead = []
+    for off, ours in (("vis", "a"), ("inf", "b")):
+        enc, fus = f"encoder_{ours}.", f"fusion_{ours}."
+        c = f"{off}_conv."
+        pmap[c + "conv11.0.0."] = (enc + "extractor.stem.", _W)
+        pmap[c + "conv11.1."] = (enc + "extractor.stem_norm.", _LN)
+        pmap[c + "conv11_.0.0."] = (enc + "extractor.large.", _W)
+        pmap[c + "conv11_.1."] = (enc + "extractor.large_norm.", _LN)
+        for i, name in enumerate(("conv33", "conv55", "conv77")):
+            pmap[f"{c}{name}.0.0."] = (f"{enc}extractor.cascade.{i}.", _W)
+            pmap[f"{c}{name}_.0.0."] = (f"{enc}extractor.reverse.{i}.", _W)
+        for k in (1, 2):
+            r, g = f"{off}_rgbd{k}.", f"{enc}grdb{k}."
+            pmap[r + "dense.conv1.conv."] = (g + "dense1.", _CONV)
+            pmap[r + "dense.conv2.conv."] = (g + "dense2.", _CONV)
+            pmap[r + "convdown.conv."] = (g + "dense_out.", _CONV)
+            pmap[r + "convup.conv."] = (g + "grad_out.", _CONV)
+            sobel[g + "sobel.weight"] = r + "sobelconv.conv"
+        sdconv(f"{off}_max.mb1_conv.", enc + "mixer.sdconv.")
+        transformer(f"{off}_max.block_transformer.", enc + "mixer.window_attn.", cross=False)
+        transformer(f"{off}_max.grid_transformer.", enc + "mixer.grid_attn.", cross=False)
+        x = f"{off}_cross."
+        pmap[x + "t1_adap_1.conv_shared.0."] = (fus + "safm.shared.", _CONV)
+        pmap[x + "t1_adap_1.conv_gamma."] = (fus + "safm.gamma.", _CONV)
+        pmap[x + "t1_adap_1.conv_beta."] = (fus + "safm.beta.", _CONV)
+        pmap[x + "select1.conv."] = (fus + "gate.", _CONV)
+        sdconv(x + "sam.mb1_conv.", fus + "transformer.sdconv.")
+        sdconv(x + "sam.mb2_conv.", fus + "transformer.sdconv_context.")
+        transformer(x + "sam.block_transformer.", fus + "transformer.window_attn.", cross=True)
+        transformer(x + "sam.grid_transformer.", fus + "transformer.grid_attn.", cross=True)
+        # built but never called by the official forward: the self block's second SD-Conv, SAFM's conv_noshared
+        dead += [f"{off}_max.mb2_conv.", x + "t1_adap_1.conv_noshared."]
+    for i in range(3):
+        pmap[f"decode.{i}.conv2d."] = (f"decoder.{2 * i}.", _CONV)
+    return pmap, tuple(dead), sobel, tuple(index_keys)
+
+
+_MACT_MAP, _MACT_DEAD, _MACT_SOBEL, _MACT_INDEX = _mactfusion_map()
+
+
+def convert_mactfusion(official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official MACTFusion (``Fusionnet.MACTFusion``) state dict -> :class:`scripts.networks.MACTFusion` (2D).
+
+    Official ``vis`` (3-channel YCrCb slot, the MRI in the released CT-MRI model) -> our ``*_a`` (channel 0), ``inf``
+    -> ``*_b``. Dropped: the never-called modules (``*_max.mb2_conv``, ``*.t1_adap_1.conv_noshared``; 52,320
+    parameters) and the 8 ``relative_position_index`` buffers (recomputed by our network; each is checked to be
+    the 8x8 Swin index, i.e. a window size of 8). The depthwise Sobel x/y convs are merged into one grouped weight.
+    Any other missing/extra key raises :class:`CheckpointConversionError`.
+    """
+    if official and all(k.startswith(("encoder_", "fusion_", "decoder.")) for k in official):
+        raise CheckpointConversionError("this state dict already has the converted (MACTFusion) layout")
+    out, leftover = _rename(official, _MACT_MAP, _MACT_DEAD)
+    consumed = set(_MACT_INDEX)
+    missing = [k for k in _MACT_INDEX if k not in official]
+    for ours, old in _MACT_SOBEL.items():
+        keys = (old + "x.weight", old + "y.weight")
+        missing += [k for k in keys if k not in official]
+        consumed.update(keys)
+        if all(k in official for k in keys):
+            # separate depthwise x / y convs (C, 1, 3, 3) -> one grouped weight, row c*2 + j = direction j of channel c
+            out[ours] = torch.stack([official[keys[0]], official[keys[1]]], dim=1).flatten(0, 1)
+    if missing:
+        raise CheckpointConversionError(f"missing keys in official checkpoint: {missing}")
+    unexpected = [k for k in leftover if k not in consumed]
+    if unexpected:
+        raise CheckpointConversionError(f"unexpected keys in official checkpoint: {unexpected}")
+    from .networks.mactfusion import relative_position_index
+
+    expected = relative_position_index((8, 8))
+    bad = [k for k in _MACT_INDEX if not torch.equal(official[k].long(), expected)]
+    if bad:
+        raise CheckpointConversionError(
+            f"relative_position_index buffers {bad} are not the 8x8 window index; only window_size=8 checkpoints "
+            "are supported")
+    return out
+
+
 CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "dran": convert_dran,
+    "mactfusion": convert_mactfusion,
 }
 
 

@@ -134,3 +134,155 @@ class DRANLoss(nn.Module):
         if self.perceptual_weight:
             loss = loss + self.perceptual_weight * self.perceptual(pred, target)
         return loss
+
+
+class MsgFusionLoss(nn.Module):
+    """MsgFusion loss (as the public code trains it): SSIM and MSE of the fused image to both sources.
+
+    ``L = lam [g_s (1 - SSIM(O, A)) + (1 - g_s)(1 - SSIM(O, B))] + (1 - lam) [g_m MSE(O, A) + (1 - g_m) MSE(O, B)]``
+    with ``O`` = fused ``pred`` (B, 1, *S) (raw, not clamped), ``A`` = MRI = ``target[:, 0]``, ``B`` = the other
+    modality's grey/luminance = ``target[:, 1]`` (further target channels, e.g. a V' map, are ignored). Defaults
+    lam = 0.8, g_s = g_m = 0.5, i.e. ``0.4 (1-SSIM_A) + 0.4 (1-SSIM_B) + 0.1 MSE_A + 0.1 MSE_B``. SSIM is MONAI's
+    (:class:`monai.losses.SSIMLoss`: Gaussian window 11, sigma 1.5, K = (0.01, 0.03), "valid" filtering, mean over
+    the image and the batch, data range 1), the same definition as the ``pytorch_msssim.ssim`` the public code
+    uses. 2D or 3D (from the input); images must be at least ``win_size`` pixels along every axis.
+
+    Args:
+        ssim_weight: lam, weight of the SSIM part (the MSE part gets ``1 - lam``).
+        ssim_mri_weight: g_s, share of the MRI in the SSIM part.
+        mse_mri_weight: g_m, share of the MRI in the MSE part.
+        win_size, kernel_sigma, data_range: SSIM window and data range.
+    """
+
+    def __init__(self, ssim_weight: float = 0.8, ssim_mri_weight: float = 0.5, mse_mri_weight: float = 0.5,
+                 win_size: int = 11, kernel_sigma: float = 1.5, data_range: float = 1.0) -> None:
+        super().__init__()
+        from monai.losses import SSIMLoss
+
+        self.ssim_weight, self.ssim_mri_weight, self.mse_mri_weight = ssim_weight, ssim_mri_weight, mse_mri_weight
+        self.ssim = nn.ModuleDict({
+            f"{d}d": SSIMLoss(spatial_dims=d, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma)
+            for d in (2, 3)
+        })
+
+    def terms(self, pred: torch.Tensor, target: torch.Tensor) -> dict:
+        """The four unweighted terms ``ssim_a``, ``ssim_b`` (1 - SSIM) and ``mse_a``, ``mse_b``."""
+        if pred.ndim not in (4, 5) or pred.shape[1] != 1:
+            raise ValueError(f"pred must be a fused (B, 1, *S) image, got shape {tuple(pred.shape)}")
+        if target.ndim != pred.ndim or target.shape[1] < 2 or target.shape[2:] != pred.shape[2:] \
+                or target.shape[0] != pred.shape[0]:
+            raise ValueError(f"target must hold the sources (B, 2, *S) matching pred {tuple(pred.shape)}, "
+                             f"got {tuple(target.shape)}")
+        ssim = self.ssim[f"{pred.ndim - 2}d"]
+        a, b = target[:, 0:1].to(pred.dtype), target[:, 1:2].to(pred.dtype)
+        return {"ssim_a": ssim(pred, a), "ssim_b": ssim(pred, b),
+                "mse_a": F.mse_loss(pred, a), "mse_b": F.mse_loss(pred, b)}
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        t = self.terms(pred, target)
+        lam, gs, gm = self.ssim_weight, self.ssim_mri_weight, self.mse_mri_weight
+        return lam * (gs * t["ssim_a"] + (1 - gs) * t["ssim_b"]) + (1 - lam) * (gm * t["mse_a"] + (1 - gm) * t["mse_b"])
+
+
+__all__ += ["MsgFusionLoss"]
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, kernel_size: int = 11,
+            kernel_sigma: float = 1.5, weights=(0.0448, 0.2856, 0.3001, 0.2363, 0.1333),
+            k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Per-sample multi-scale SSIM ``(B,)`` of ``(B, C, *S)`` images (2D or 3D), as the official MACTFusion loss
+    defines it, on MONAI's single-scale :func:`monai.metrics.regression.compute_ssim_and_cs`.
+
+    ``len(weights)`` scales with 2x average pooling between them; at each scale MONAI's sampled Gaussian window
+    (``kernel_sigma``, "valid" filtering) of size ``kernel_size`` truncated to the largest odd size that fits the
+    image (the official code truncates to ``min(11, h, w)``); ``cs`` at the first scales, ``ssim`` at the last, each
+    averaged over the image and mapped to ``(v + 1) / 2`` (the official ``normalize=True``), combined as
+    ``prod_s v_s ** w_s``. Differences from MONAI's ``compute_ms_ssim``: that one refuses images below
+    ``(kernel_size - 1) * (len(weights) - 1) ** 2`` (161 px with these defaults, the bundle trains on 64 px crops)
+    and clips ``cs`` with ReLU, whose ``0 ** w`` gradient is NaN. Differences from the official code: its last
+    scale uses exponent ``4 * w_5`` (a bug in its vendored library) and it infers ``data_range`` from the image.
+    The smallest side must be at least ``2 ** (len(weights) - 1)`` (16 px for 5 scales).
+    """
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    spatial_dims = x.ndim - 2
+    levels = len(weights)
+    if min(x.shape[2:]) < 2 ** (levels - 1):
+        raise ValueError(f"MS-SSIM with {levels} scales needs every side >= {2 ** (levels - 1)} px, got "
+                         f"{tuple(x.shape[2:])}; pass fewer weights")
+    pool = (F.avg_pool2d, F.avg_pool3d)[spatial_dims - 2]
+    w = torch.as_tensor(weights, dtype=torch.float32, device=x.device)
+    values = []
+    for level in range(levels):
+        if level:
+            x, y = pool(x, 2), pool(y, 2)
+        ks = [min(kernel_size, s) - (1 - min(kernel_size, s) % 2) for s in x.shape[2:]]  # largest odd that fits
+        ssim_map, cs_map = compute_ssim_and_cs(
+            x, y, spatial_dims, kernel_size=ks, kernel_sigma=[kernel_sigma] * spatial_dims,
+            data_range=data_range, k1=k1, k2=k2)
+        v = (ssim_map if level == levels - 1 else cs_map).flatten(1).mean(1)
+        values.append((v + 1) / 2)
+    return torch.prod(torch.stack(values) ** w[:, None], dim=0)
+
+
+class MACTFusionLoss(nn.Module):
+    """MACTFusion loss: ``ssim_weight * L_ssim + intensity_weight * L_int + grad_weight * L_grad`` (10 / 20 / 10).
+
+    With ``F`` = fused ``pred`` (B, 1, *S) (raw, not clamped), ``A`` = MRI = ``target[:, 0]`` (the official Y of the
+    3-channel slot) and ``B`` = the other modality's grey/luminance = ``target[:, 1]``:
+
+    - ``L_ssim = 0.5 (1 - MS(F, A)) + 0.5 (1 - MS(F, B))``, ``MS`` = :func:`ms_ssim` (batch mean);
+    - ``L_int = MSE(F, max(A, B))`` (element-wise max; squared error, as the official code);
+    - ``L_grad = L1(G(F), max(G(A), G(B)))``, ``G(x) = sum_j |S_j * x|``: fixed Sobel kernels, zero padding 1.
+
+    2D or 3D (from the input; 3 Sobel directions in 3D). MS-SSIM defaults are the official ones (5 scales, 11-px
+    Gaussian window, sigma 1.5); the window is truncated per scale to fit (see :func:`ms_ssim`), so 64x64 crops
+    use windows 11/11/11/7/3 over 64/32/16/8/4 px and full 256x256 images are exactly 11 at every scale. Images
+    need >= 16 px per side with 5 scales (pass fewer ``ms_ssim_weights`` for smaller ones).
+
+    Args:
+        ssim_weight, intensity_weight, grad_weight: the term weights (official 10, 20, 10).
+        ms_ssim_weights: per-scale MS-SSIM exponents (their count is the number of scales).
+        kernel_size, kernel_sigma, data_range: MS-SSIM Gaussian window and data range.
+    """
+
+    def __init__(self, ssim_weight: float = 10.0, intensity_weight: float = 20.0, grad_weight: float = 10.0,
+                 ms_ssim_weights=(0.0448, 0.2856, 0.3001, 0.2363, 0.1333), kernel_size: int = 11,
+                 kernel_sigma: float = 1.5, data_range: float = 1.0) -> None:
+        super().__init__()
+        self.ssim_weight, self.intensity_weight, self.grad_weight = ssim_weight, intensity_weight, grad_weight
+        self.ms_ssim_weights = tuple(float(w) for w in ms_ssim_weights)
+        self.kernel_size, self.kernel_sigma, self.data_range = kernel_size, kernel_sigma, data_range
+
+    @staticmethod
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        """``sum_j |S_j * x|`` per channel, fixed Sobel kernels, zero padding 1, same size as ``x``."""
+        k = sobel_kernels(x.ndim - 2, dtype=x.dtype).to(x.device).unsqueeze(1)  # (n_dirs, 1, 3, ...)
+        b, c = x.shape[:2]
+        g = sobel_responses(x.reshape(b * c, 1, *x.shape[2:]), k, padding=1).abs().sum(2)
+        return g.view(x.shape)
+
+    def terms(self, pred: torch.Tensor, target: torch.Tensor) -> dict:
+        """The unweighted terms ``ssim`` (L_ssim), ``intensity`` (L_int) and ``grad`` (L_grad)."""
+        if pred.ndim not in (4, 5) or pred.shape[1] != 1:
+            raise ValueError(f"pred must be a fused (B, 1, *S) image, got shape {tuple(pred.shape)}")
+        if target.ndim != pred.ndim or target.shape[1] < 2 or target.shape[0] != pred.shape[0] \
+                or target.shape[2:] != pred.shape[2:]:
+            raise ValueError(f"target must hold the sources (B, 2, *S) matching pred {tuple(pred.shape)}, "
+                             f"got {tuple(target.shape)}")
+        pred = pred.float()
+        a, b = target[:, 0:1].float(), target[:, 1:2].float()
+        kw = dict(data_range=self.data_range, kernel_size=self.kernel_size, kernel_sigma=self.kernel_sigma,
+                  weights=self.ms_ssim_weights)
+        l_ssim = 0.5 * (1 - ms_ssim(pred, a, **kw)).mean() + 0.5 * (1 - ms_ssim(pred, b, **kw)).mean()
+        l_int = F.mse_loss(pred, torch.maximum(a, b))
+        g = self.gradient(torch.cat([pred, a, b], dim=1))
+        l_grad = F.l1_loss(g[:, :1], torch.maximum(g[:, 1:2], g[:, 2:3]))
+        return {"ssim": l_ssim, "intensity": l_int, "grad": l_grad}
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        t = self.terms(pred, target)
+        return self.ssim_weight * t["ssim"] + self.intensity_weight * t["intensity"] + self.grad_weight * t["grad"]
+
+
+__all__ += ["ms_ssim", "MACTFusionLoss"]

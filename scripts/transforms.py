@@ -265,3 +265,45 @@ class SaveFusedd(MapTransform):
                 written.append(fio.write_image(rgb, self.output_dir / f"{name}_fused_rgb.png", None, protect=inputs))
         d["fused_files"] = [str(p) for p in written]
         return d
+
+
+class MsgFusionVPrimed(MapTransform):
+    """MsgFusion's modified brightness V' of the other modality, from its colour image when there is one.
+
+    Place it right after :class:`LoadFusionPaird` (before any intensity scaling). For a colour source the RGB is
+    rebuilt from ``source_b`` (Y) and ``source_b_chroma`` and V' is computed from it (the public code computes V'
+    from the colour PET/SPECT file); for a grey source V' comes from the min-max scaled grey image, which is what
+    :class:`scripts.networks.MsgFusion` computes itself from a 2-channel input. Writes ``output_key``
+    (1, *spatial) in [0, 1]; concatenate it as the third ``image`` channel
+    (``ConcatItemsd(keys=["source_a", "source_b", "v_prime"], name="image")``) to give the network the colour V'.
+
+    Args:
+        keys: the other modality's key (``source_b``).
+        variant: ``"functional"`` (PET/SPECT) or ``"ct"``; must match the network's ``variant``.
+        output_key: where V' is stored.
+    """
+
+    def __init__(self, keys: KeysCollection = "source_b", variant: str = "functional",
+                 output_key: str = "v_prime") -> None:
+        super().__init__(keys)
+        self.variant = variant
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping) -> dict:
+        from scripts.networks.msgfusion import msgfusion_v_prime
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            y = torch.as_tensor(d[key]).float()
+            chroma = d.get(f"{key}_chroma")
+            if chroma is not None:
+                img = ycbcr_to_rgb(torch.cat([y[:1], torch.as_tensor(chroma).float()], 0)).clamp(0, 255) / 255.0
+            else:
+                lo, hi = y.min(), y.max()
+                img = (y[:1] - lo) / (hi - lo) if hi > lo else torch.zeros_like(y[:1])
+            v = msgfusion_v_prime(img[None], self.variant)[0]
+            d[self.output_key] = MetaTensor(v, meta=getattr(d[key], "meta", {})) if isinstance(d[key], MetaTensor) else v
+        return d
+
+
+__all__ += ["MsgFusionVPrimed"]

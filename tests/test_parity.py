@@ -7,6 +7,7 @@ compared within the method's tolerance. Keys ``<name>_crop`` are the central win
 To add a method: write ``build`` and ``run`` (returns ``{fixture_key: tensor}``) and list its tolerances.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,7 @@ from conftest import PARITY_DIR, require_path
 
 from scripts.convert import CONVERTERS, convert_state_dict
 from scripts.networks import DRAN
+from scripts.networks import MACTFusion
 
 
 @dataclass
@@ -51,6 +53,33 @@ METHODS = {
                     ("out_decoded", 1e-5, 0.0)),
     ),
 }
+
+
+def _run_mactfusion(net: MACTFusion, case: dict) -> dict:
+    # official forward(image_vis = YCrCb(MRI as 3-channel BGR), image_ir = CT) reads only the Y channel of
+    # image_vis; ours: channel 0 = that Y (the MRI), channel 1 = CT. Official vis/inf branches = our a/b.
+    vis_ycrcb = case["in_vis_ycrcb"].float()
+    x = torch.cat([vis_ycrcb[:, :1], case["in_ir"].float()], dim=1)
+    out, inter = net.fuse(x, return_intermediates=True)
+    ours = {"out_fused_y": out, "feat_vis_enc": inter["feat_a"], "feat_ir_enc": inter["feat_b"],
+            "feat_vis_cross": inter["cross_a"], "feat_ir_cross": inter["cross_b"]}
+    # the official test.py never calls eval(): same forward with batch-statistics BatchNorm (on a copy, so the
+    # cached eval network and its running statistics stay untouched)
+    ours["out_fused_y_trainmode_bn"] = copy.deepcopy(net).train()(x)
+    # test.py's colour recombination: [Y_F, Cr, Cb] of the MRI -> RGB (its matrix, its channel order), clamped
+    ycrcb = torch.cat([out, vis_ycrcb[:, 1:]], dim=1)
+    mat = torch.tensor([[1.0, 1.0, 1.0], [1.403, -0.714, 0.0], [0.0, -0.344, 1.773]])
+    rgb = torch.einsum("bchw,cd->bdhw", ycrcb + torch.tensor([0.0, -0.5, -0.5]).view(1, 3, 1, 1), mat)
+    ours["post_fused_bgr_clamped"] = rgb.clamp(0, 1)
+    return ours
+
+
+METHODS["mactfusion"] = MethodSpec(
+    build=MACTFusion,
+    run=_run_mactfusion,
+    # README of the fixture: output atol 2e-4; features (values up to ~31) atol 5e-3, rtol 1e-4
+    tolerances=(("out_fused_y", 2e-4, 0.0), ("post_fused_", 2e-4, 0.0), ("feat_", 5e-3, 1e-4)),
+)
 
 
 def _cases():

@@ -2,5 +2,9 @@
 
 from .baselines import AverageFusion, GuidedFilterFusion, LaplacianPyramidFusion, MaxFusion
 from .dran import DRAN
+from .mactfusion import MACTFusion
+from .msgfusion import MsgFusion
 
-__all__ = ["AverageFusion", "DRAN", "GuidedFilterFusion", "LaplacianPyramidFusion", "MaxFusion"]
+__all__ = [
+    "AverageFusion", "DRAN", "GuidedFilterFusion", "LaplacianPyramidFusion", "MACTFusion", "MaxFusion", "MsgFusion",
+]
