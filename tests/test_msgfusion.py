@@ -201,6 +201,17 @@ def test_gradients_flow_and_stay_finite():
         assert p.grad.abs().sum() > 0, name
 
 
+def test_runs_under_autocast():
+    """AMP (the workflows use it on GPU): the Fourier unit computes its spectra in float32."""
+    net = MsgFusion(features=4).train()
+    x = torch.rand(2, 2, 24, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, mode="train")
+    MsgFusionLoss()(out.float(), x).backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
 def test_short_training_gives_sensible_eval_mode():
     """Running BN statistics are a plain average over the first batches: eval mode is usable after few steps."""
     torch.manual_seed(0)

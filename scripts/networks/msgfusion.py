@@ -117,10 +117,10 @@ class _DebiasedRunningStats:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            base = getattr(self, "_base_momentum", None)
-            if base is None:
-                base = self._base_momentum = self.momentum
-            self.momentum = max(base, 1.0 / (int(self.num_batches_tracked) + 1))
+            if not hasattr(self, "_base_momentum"):
+                self._base_momentum = self.momentum
+            if self._base_momentum is not None:  # None: PyTorch's cumulative average, already bias-free
+                self.momentum = max(self._base_momentum, 1.0 / (int(self.num_batches_tracked) + 1))
         return super().forward(x)
 
 
@@ -198,11 +198,13 @@ class FourierUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(2, x.ndim))
         size = x.shape[2:]
-        z = torch.fft.rfftn(x.float(), dim=dims, norm="ortho")
-        amp = self.amplitude(z.abs())
-        pha = self.phase(_safe_angle(z.real, z.imag))
-        z = torch.complex(amp * torch.cos(pha), amp * torch.sin(pha))
-        return torch.fft.irfftn(z, s=size, dim=dims, norm="ortho").to(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # FFTs and spectra in float32 under AMP
+            z = torch.fft.rfftn(x.float(), dim=dims, norm="ortho")
+            amp = self.amplitude(z.abs())
+            pha = self.phase(_safe_angle(z.real, z.imag))
+            z = torch.complex(amp * torch.cos(pha), amp * torch.sin(pha))
+            out = torch.fft.irfftn(z, s=size, dim=dims, norm="ortho")
+        return out.to(x.dtype)
 
 
 class MsgFusionSFBranch(nn.Module):
