@@ -42,6 +42,10 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
             break
         if not isinstance(obj, Mapping):
             raise CheckpointConversionError(f"checkpoint is a {type(obj).__name__}, not a state dict")
+        flat = flatten_bsafusion_checkpoint(obj)
+        if flat is not None:
+            obj = flat
+            continue
         inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
         if inner is None:
             raise CheckpointConversionError(
@@ -244,9 +248,101 @@ def convert_mactfusion(official: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def _bsafusion_map() -> tuple[dict, tuple[str, ...]]:
+    """(prefix map, dead prefixes) for :func:`convert_bsafusion`."""
+    pmap: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def restormer(old: str, new: str) -> None:
+        pmap[old + "mlp."] = (new + "proj.", _CONV)
+        for i, name in ((1, "query"), (2, "key"), (3, "value")):
+            for j in (0, 1):
+                pmap[f"{old}mdta.conv{i}.{j}."] = (f"{new}{name}.{j}.", _CONV)
+        pmap[old + "mdta.conv4."] = (new + "attn_out.", _CONV)
+        for i, name in ((1, "gate"), (2, "value")):
+            for j in (0, 1):
+                pmap[f"{old}gdfn.Dconv{i}.{j}."] = (f"{new}ffn_{name}.{j}.", _CONV)
+        pmap[old + "gdfn.conv."] = (new + "ffn_out.", _CONV)
+
+    def vit(old: str, new: str) -> None:
+        # the official block applies norm_layer2 before both sub-blocks; norm_layer1 is never used
+        pmap[old + "norm_layer2."] = (new + "norm.", _LN)
+        pmap[old + "attention.qkv."] = (new + "attention.qkv.", _W)
+        pmap[old + "attention.out_proj."] = (new + "attention.out_proj.", _CONV)
+        pmap[old + "mlp.linear1."] = (new + "mlp.linear1.", _CONV)
+        pmap[old + "mlp.linear2."] = (new + "mlp.linear2.", _CONV)
+
+    restormer("encoder.rb1.", "encoder_shallow.")
+    restormer("encoder.rb2.", "encoder_deep.")
+    for old, new in (("transfer.classifier.", "classifier."), ("transfer.modal_dis.", "discriminator.")):
+        pmap[old + "cls_token"] = (new + "cls_token", ("",))
+        for i in range(2):
+            vit(f"{old}vit_blks.vit{i}.", f"{new}blocks.{i}.")
+        pmap[old + "head.0."] = (new + "head.0.", _CONV)
+        pmap[old + "head.2."] = (new + "head.2.", _CONV)
+    pmap["transfer.classifier.embedding.position_embedding"] = ("classifier.pos_map", ("",))
+    pmap["transfer.classifier.embedding.patch_embedding."] = ("classifier.patch_embed.", _CONV)
+    for k, side in ((1, "fixed"), (2, "moving")):
+        pmap[f"transfer.transfer.cls{k}"] = (f"transfer_{side}.token", ("",))
+        for i in range(2):
+            vit(f"transfer.transfer.VitBLK{k}.vit{i}.", f"transfer_{side}.blocks.{i}.")
+        for level in range(5):
+            old, new = f"reg_net.f{k}_FR{level + 1}.", f"registration.{side}_steps.{level}."
+            pmap[old + "conv1x1.0."] = (new + "mix.", _CONV)
+            pmap[old + "crossAtt1.conv1.0."] = (new + "cross.conv_a.", _CONV)
+            pmap[old + "crossAtt1.conv2.0."] = (new + "cross.conv_b.", _CONV)
+            pmap[old + "feature_output.0.feature_output.0."] = (new + "refine.", _CONV)
+            pmap[old + "flow_output.0."] = (new + "flow.", _CONV)
+            pmap[old + "up1.1."] = (new + "state_out.", _CONV)
+    for i in range(4):
+        pmap[f"reg_net.D.up{i + 1}.up_sample.1."] = (f"registration.upsamplers.{i}.reduce.", _CONV)
+        pmap[f"reg_net.D.up{i + 1}.conv1."] = (f"registration.upsamplers.{i}.conv.", _CONV)
+        restormer(f"fusion_net.F{i + 1}.", f"fusion.stages.{i}.")
+    for i in range(3):
+        pmap[f"fusion_net.up_sample{i + 1}.up1.1."] = (f"fusion.token_up.{i}.", _CONV)
+        pmap[f"fusion_net.up_sample{i + 1}.up3.1."] = (f"fusion.fused_up.{i}.", _CONV)
+    for i in range(2):
+        restormer(f"fusion_net.outLayer.{i}.", f"fusion.reconstruct.{i}.")
+    # never used by the official forward: the unused LayerNorms and the discriminator's image embedding
+    dead = ("transfer.classifier.norm.", "transfer.modal_dis.norm.", "transfer.modal_dis.embedding.")
+    return pmap, dead
+
+
+_BSA_MAP, _BSA_DEAD = _bsafusion_map()
+
+
+def convert_bsafusion(official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official BSAFusion checkpoint -> :class:`scripts.networks.BSAFusion`.
+
+    Accepts the official training checkpoint (a dict of ``encoder_state_dict``, ``transfer_state_dict``,
+    ``reg_net_state_dict`` and ``fusion_net_state_dict``) or the same flattened with ``encoder.``/``transfer.``/
+    ``reg_net.``/``fusion_net.`` prefixes. Dropped: every ViT block's unused ``norm_layer1``, the unused
+    ``classifier.norm``/``modal_dis.norm`` and the discriminator's unused image embedding. Any other
+    missing/extra key raises :class:`CheckpointConversionError`.
+    """
+    if official and all(k.startswith(("encoder_shallow.", "encoder_deep.", "classifier.", "registration."))
+                        for k in list(official)[:4]):
+        raise CheckpointConversionError("this state dict already has the converted (BSAFusion) layout")
+    dead = _BSA_DEAD + tuple(k for k in official if ".norm_layer1." in k)
+    out, leftover = _rename(official, _BSA_MAP, dead)
+    if leftover:
+        raise CheckpointConversionError(f"unexpected keys in official checkpoint: {leftover}")
+    return out
+
+
+_BSA_PARTS = ("encoder", "transfer", "reg_net", "fusion_net")
+
+
+def flatten_bsafusion_checkpoint(obj) -> dict[str, torch.Tensor] | None:
+    """The official ``{"<part>_state_dict": sd, ...}`` checkpoint as one ``<part>.<key>`` dict (else ``None``)."""
+    if isinstance(obj, Mapping) and all(f"{p}_state_dict" in obj for p in _BSA_PARTS):
+        return {f"{p}.{k}": v for p in _BSA_PARTS for k, v in obj[f"{p}_state_dict"].items()}
+    return None
+
+
 CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "dran": convert_dran,
     "mactfusion": convert_mactfusion,
+    "bsafusion": convert_bsafusion,
 }
 
 

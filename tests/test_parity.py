@@ -17,7 +17,8 @@ from conftest import PARITY_DIR, require_path
 
 from scripts.convert import CONVERTERS, convert_state_dict
 from scripts.networks import DRAN
-from scripts.networks import MACTFusion
+from scripts.networks import BSAFusion, MACTFusion
+from scripts.networks.bsafusion import compose_fields
 
 
 @dataclass
@@ -79,6 +80,46 @@ METHODS["mactfusion"] = MethodSpec(
     run=_run_mactfusion,
     # README of the fixture: output atol 2e-4; features (values up to ~31) atol 5e-3, rtol 1e-4
     tolerances=(("out_fused_y", 2e-4, 0.0), ("post_fused_", 2e-4, 0.0), ("feat_", 5e-3, 1e-4)),
+)
+
+
+def _run_bsafusion(net: BSAFusion, case: dict) -> dict:
+    # official: img1 = fixed MRI, img2 = moving (CT / PET-Y); ours: channel 0 = fixed, channel 1 = moving.
+    x = torch.cat([case["in_fixed_mri"], case["in_moving"]], dim=1).float()
+    out = net(x, mode="train")
+    ours = {
+        "out_fused": out["fused"],
+        "flow": out["flow"],  # official (column, row) order; the public ``ddf`` is its flip
+        "out_moving_aligned": out["aligned"],
+        "out_moving_warp2D_border": out["warped_border"],
+        "logits_cls_fixed": out["logits_fixed"],
+        "logits_cls_moving": out["logits_moving"],
+        "logits_disc_fixed": out["logits_disc_fixed"],
+        "logits_disc_moving": out["logits_disc_moving"],
+    }
+    assert torch.equal(out["ddf"], out["flow"].flip(1))
+    size = out["flow"].shape[-2:]
+    ours["flow_neg"] = compose_fields(out["phis"][0::2], size)
+    ours["flow_pos"] = compose_fields(out["phis"][1::2], size)
+    ours.update({f"flow_phi{i + 1:02d}": phi for i, phi in enumerate(out["phis"])})
+    # intermediates, recomputed step by step through the same submodules
+    for side, img in (("fixed", case["in_fixed_mri"]), ("moving", case["in_moving"])):
+        shallow = net.encoder_shallow(img.float())
+        deep = net.encoder_deep(shallow)
+        _, mfrh, tokens = net.classifier(net.classifier.embed(deep))
+        ours[f"enc_shallow_{side}"], ours[f"enc_deep_{side}"] = shallow, deep
+        ours[f"mfrh_{side}"], ours[f"tokens_cls_{side}"] = mfrh, tokens
+    ours["tokens_transfer_fixed"] = net.transfer_fixed(ours["tokens_cls_fixed"], ours["mfrh_moving"])
+    ours["tokens_transfer_moving"] = net.transfer_moving(ours["tokens_cls_moving"], ours["mfrh_fixed"])
+    return ours
+
+
+METHODS["bsafusion"] = MethodSpec(
+    build=BSAFusion,
+    run=_run_bsafusion,
+    # the fixture README's recommended tolerances (fields in pixels)
+    tolerances=(("out_fused", 1e-4, 0.0), ("out_moving_", 5e-4, 0.0), ("flow_phi", 1e-4, 0.0), ("flow", 5e-4, 0.0),
+                ("logits_", 1e-5, 0.0), ("tokens_", 1e-4, 1e-4), ("mfrh_", 1e-4, 1e-4), ("enc_", 1e-4, 1e-4)),
 )
 
 

@@ -1,10 +1,11 @@
 """Fusion networks."""
 
 from .baselines import AverageFusion, GuidedFilterFusion, LaplacianPyramidFusion, MaxFusion
+from .bsafusion import BSAFusion
 from .dran import DRAN
 from .mactfusion import MACTFusion
 from .msgfusion import MsgFusion
 
 __all__ = [
-    "AverageFusion", "DRAN", "GuidedFilterFusion", "LaplacianPyramidFusion", "MACTFusion", "MaxFusion", "MsgFusion",
+    "AverageFusion", "BSAFusion", "DRAN", "GuidedFilterFusion", "LaplacianPyramidFusion", "MACTFusion", "MaxFusion", "MsgFusion",
 ]

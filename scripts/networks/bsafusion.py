@@ -1,0 +1,395 @@
+"""BSAFusion: one-stage registration and fusion of unaligned pairs (Li et al., AAAI 2025).
+
+Built from the official code's architecture (``slrl123/BSAFusion``, ``RegFusion_lite``) as described in
+``docs/README.md``; converted official weights reproduce its forward pass (``tests/test_parity.py``).
+
+The moving image (CT, or the luminance of PET/SPECT) is registered to the fixed MRI and fused in the MRI frame:
+
+1. a shared Restormer-style encoder gives shallow features (fused at the end) and a 3-channel map for
+2. a shared ViT modality classifier whose class token is the *modality feature representation head* (MFRH);
+3. the MFRH exchange (each image's patch tokens plus the *other* image's MFRH) and one Transfer ViT stack per image;
+4. two registration chains (fixed and moving features), five coarse-to-fine steps each; every step predicts a
+   +-1 px field on its grid, warps its chain's features and upsamples them; the final field is the difference
+   of the two chains' upsampled, rescaled sums ("bidirectional stepwise" fields);
+5. a fusion decoder that warps the moving token stream at each scale and reconstructs a Sigmoid image.
+
+Every warp goes through :class:`monai.networks.blocks.Warp`. Fields are pull fields in pixels,
+``aligned(p) = moving(p + ddf(p))``; the public ``ddf`` output uses MONAI's channel order (row, column), so
+``Warp()(moving, ddf)`` applies it; the official code orders them (column, row).
+
+Faithful defaults and explicit fixes (see the model card):
+
+- ``official_warp=True`` reproduces the official feature/image warp (zero padding and a half-pixel
+  ``align_corners`` mismatch: a zero field is not the identity); ``False`` warps with border padding exactly.
+- ``token_shift=True`` reproduces the Transfer stacks' off-by-one (registration tokens shifted by one raster
+  position); ``False`` drops the appended token instead.
+- Any size works: inputs are zero-padded to a multiple of ``patch_size`` and outputs cropped back (the official
+  code takes only 256x256). The learned positional map is resized to the (padded) input, as officially.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import MLPBlock, SABlock, Warp
+
+__all__ = ["BSAFusion", "RestormerLayer", "FieldWarp", "compose_fields"]
+
+LEVELS = 5
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+def _spatial_norm(x: torch.Tensor) -> torch.Tensor:
+    """Per-(sample, channel) normalisation over the spatial axes without affine (the official "LayerNorm")."""
+    return F.layer_norm(x, x.shape[-2:])
+
+
+class RestormerLayer(nn.Module):
+    """1x1 projection, single-head channel ("transposed") attention and a gated feed-forward, both residual.
+
+    Differs from Restormer as the official code does: the attention softmax runs over all C x C entries jointly
+    without temperature, the 3x3 convolutions are dense (not depthwise) and the norm is spatial.
+
+    Input (B, in_channels, H, W) -> (B, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expansion: int = 4) -> None:
+        super().__init__()
+        c, h = out_channels, out_channels * expansion
+        self.proj = _conv(in_channels, c, 1)
+        self.query = nn.Sequential(_conv(c, c, 1), _conv(c, c, 3))
+        self.key = nn.Sequential(_conv(c, c, 1), _conv(c, c, 3))
+        self.value = nn.Sequential(_conv(c, c, 1), _conv(c, c, 3))
+        self.attn_out = _conv(c, c, 1)
+        self.ffn_gate = nn.Sequential(_conv(c, h, 1), _conv(h, h, 3))
+        self.ffn_value = nn.Sequential(_conv(c, h, 1), _conv(h, h, 3))
+        self.ffn_out = _conv(h, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        b, c = x.shape[:2]
+        n = _spatial_norm(x)
+        q, k, v = (m(n).flatten(2) for m in (self.query, self.key, self.value))
+        gram = torch.bmm(k, q.transpose(1, 2))  # (B, C, C): G_ij = <k_i, q_j>
+        attn = gram.flatten(1).softmax(1).view(b, c, c)
+        x = x + self.attn_out(torch.bmm(attn.transpose(1, 2), v).view_as(x))
+        n = _spatial_norm(x)
+        return x + self.ffn_out(F.gelu(self.ffn_gate(n)) * self.ffn_value(n))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm Transformer block on (B, N, hidden) tokens; one LayerNorm serves both sub-blocks (as officially)."""
+
+    def __init__(self, hidden_size: int = 256, num_heads: int = 4, mlp_dim: int = 256, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        # MONAI's flash path applies its dropout even in eval mode, so it is used only where dropout is 0.
+        self.attention = SABlock(hidden_size, num_heads, dropout_rate=dropout, qkv_bias=False,
+                                 use_flash_attention=dropout == 0)
+        self.mlp = MLPBlock(hidden_size, mlp_dim, dropout_rate=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm(x))
+        return x + self.mlp(self.norm(x))
+
+
+class ModalityClassifier(nn.Module):
+    """ViT that classifies the modality from tokens; its class-token output is the MFRH.
+
+    With ``embed=True`` (the classifier) it first adds a learned positional map resized to the image and embeds
+    16x16 patches; without (the discriminator) it starts from tokens. Returns (logits (B, 2), MFRH (B, hidden),
+    patch tokens (B, N, hidden)).
+    """
+
+    def __init__(self, in_channels: int = 3, hidden_size: int = 256, patch_size: int = 16, num_heads: int = 4,
+                 depth: int = 2, dropout: float = 0.1, embed: bool = True, pos_size: int = 256) -> None:
+        super().__init__()
+        if embed:
+            self.pos_map = nn.Parameter(torch.randn(1, 1, pos_size, pos_size))
+            self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.blocks = nn.Sequential(*[ViTBlock(hidden_size, num_heads, hidden_size, dropout) for _ in range(depth)])
+        self.head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 2))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        pos = F.interpolate(self.pos_map, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return self.patch_embed(x + pos).flatten(2).transpose(1, 2)
+
+    def forward(self, tokens: torch.Tensor):
+        t = self.blocks(torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], 1))
+        return self.head(t[:, 0]), t[:, 0], t[:, 1:]
+
+
+class TransferStack(nn.Module):
+    """MFRH injection (broadcast add of the other image's MFRH) and a ViT stack with one appended learned token."""
+
+    def __init__(self, hidden_size: int = 256, num_heads: int = 4, depth: int = 2, token_shift: bool = True) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.blocks = nn.Sequential(*[ViTBlock(hidden_size, num_heads, hidden_size, 0.0) for _ in range(depth)])
+        self.token_shift = token_shift
+
+    def forward(self, tokens: torch.Tensor, other_mfrh: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([tokens + other_mfrh[:, None], self.token.expand(tokens.shape[0], -1, -1)], 1)
+        t = self.blocks(t)
+        # Official: drops position 0 and keeps the appended token, shifting the grid by one token.
+        return t[:, 1:] if self.token_shift else t[:, :-1]
+
+
+class FieldWarp(nn.Module):
+    """Pull-warp through MONAI ``Warp`` with a field in the official (column, row) channel order, in pixels.
+
+    ``official=True`` reproduces the official ``Warper2d``: it normalises with the ``align_corners=True`` rule but
+    samples with ``align_corners=False`` and zero padding, i.e. it samples at ``(p + u) * N / (N - 1) - 0.5``.
+    """
+
+    def __init__(self, official: bool = False) -> None:
+        super().__init__()
+        self.official = official
+        with warnings.catch_warnings():  # MONAI warns that it uses torch's grid_sample: that is intended
+            warnings.simplefilter("ignore")
+            self.warp = Warp(mode="bilinear", padding_mode="zeros" if official else "border")
+
+    def forward(self, image: torch.Tensor, flow_xy: torch.Tensor) -> torch.Tensor:
+        ddf = flow_xy.flip(1)
+        if self.official:
+            h, w = ddf.shape[-2:]
+            rows = torch.arange(h, device=ddf.device, dtype=ddf.dtype).view(h, 1)
+            cols = torch.arange(w, device=ddf.device, dtype=ddf.dtype).view(1, w)
+            r = (rows + ddf[:, 0]) * (h / max(h - 1, 1)) - 0.5 - rows
+            c = (cols + ddf[:, 1]) * (w / max(w - 1, 1)) - 0.5 - cols
+            ddf = torch.stack([r, c], 1)
+        return self.warp(image, ddf)
+
+
+def compose_fields(fields: list[torch.Tensor], size) -> torch.Tensor:
+    """Sum of coarse-to-fine per-level fields upsampled to ``size`` (bilinear, corners aligned), each scaled by
+    its grid's ratio to ``size`` (a plain sum, not a composition by warping, as officially)."""
+    total = 0
+    for phi in fields:
+        scale = size[-1] / phi.shape[-1]
+        up = phi if phi.shape[-2:] == tuple(size) else F.interpolate(phi, size=size, mode="bilinear",
+                                                                       align_corners=True)
+        total = total + up * scale
+    return total
+
+
+class _CrossAttention(nn.Module):
+    """a + a' * softmax_HW(a' * b'), with a' = ReLU(conv(a)), b' = ReLU(conv'(b))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_a = _conv(channels, channels, 3)
+        self.conv_b = _conv(channels, channels, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a2, b2 = F.relu(self.conv_a(a)), F.relu(self.conv_b(b))
+        return a + a2 * (a2 * b2).flatten(2).softmax(-1).view_as(a2)
+
+
+class RegistrationStep(nn.Module):
+    """One step of a registration chain: a +-1 px field on this grid and the chain's state for the next grid."""
+
+    def __init__(self, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.mix = _conv(2 * channels, channels, 1)
+        self.cross = _CrossAttention(channels)  # shared by both orders
+        self.refine = _conv(channels, channels, 3)
+        self.flow = _conv(channels, 2, 3)
+        self.state_out = _conv(channels, out_channels, 1)
+
+    def forward(self, state: torch.Tensor, pair: torch.Tensor, last: bool = False):
+        g = F.leaky_relu(self.mix(pair))
+        z = self.cross(state, g) + self.cross(g, state)
+        z = z + F.relu(self.refine(z))
+        phi = torch.tanh(self.flow(z))
+        if last:  # the official code computes the next state here too and throws it away
+            return None, phi
+        up = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=True)
+        return F.leaky_relu(self.state_out(up)), phi
+
+
+class _FeatureUpsampler(nn.Module):
+    """x2 bilinear (corners aligned), 1x1 then 3x3 conv, instance norm, LeakyReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.reduce = _conv(cin, cout, 1)
+        self.conv = _conv(cout, cout, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+        return F.leaky_relu(F.instance_norm(self.conv(x)))
+
+
+class RegistrationNet(nn.Module):
+    """Two chains of stepwise fields: the fixed chain's sum is subtracted from the moving chain's sum."""
+
+    def __init__(self, channels=(256, 64, 32, 16, 8, 1), official_warp: bool = True) -> None:
+        super().__init__()
+        pairs = list(zip(channels[:-1], channels[1:]))
+        self.fixed_steps = nn.ModuleList([RegistrationStep(c, o) for c, o in pairs])
+        self.moving_steps = nn.ModuleList([RegistrationStep(c, o) for c, o in pairs])
+        self.upsamplers = nn.ModuleList([_FeatureUpsampler(c, o) for c, o in pairs[:-1]])
+        self.warp = FieldWarp(official_warp)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor):
+        """(B, C, h, w) token maps -> (per-level fields [phi_1..phi_10], field (B, 2, 16h, 16w), (column, row))."""
+        a_f, a_m, s_f, s_m = fixed, moving, fixed, moving
+        phis = []
+        n = len(self.fixed_steps)
+        for k in range(n):
+            last = k == n - 1
+            pair = torch.cat([a_f, a_m], 1)
+            s_f, phi_f = self.fixed_steps[k](s_f, pair, last)
+            s_m, phi_m = self.moving_steps[k](s_m, pair, last)
+            phis += [phi_f, phi_m]
+            if not last:  # the last level's warped features are unused officially: not computed
+                a_f = self.upsamplers[k](self.warp(a_f, phi_f))
+                a_m = self.upsamplers[k](self.warp(a_m, phi_m))
+        size = phis[-1].shape[-2:]
+        flow = compose_fields(phis[1::2], size) - compose_fields(phis[0::2], size)
+        return phis, flow
+
+
+class FusionDecoder(nn.Module):
+    """Fuses the fixed token stream with the warped moving one at 4 scales, then the shallow encoder features."""
+
+    def __init__(self, hidden_size: int = 256, channels=(64, 32, 16, 12), shallow: int = 8,
+                 official_warp: bool = True) -> None:
+        super().__init__()
+        c = list(channels)
+        self.stages = nn.ModuleList([RestormerLayer(2 * hidden_size, c[0])]
+                                    + [RestormerLayer(3 * c[i - 1], c[i]) for i in range(1, len(c))])
+        tok = [hidden_size] + c[:-2]
+        self.token_up = nn.ModuleList([_conv(tok[i], c[i], 1) for i in range(len(c) - 1)])
+        self.fused_up = nn.ModuleList([_conv(c[i], c[i], 1) for i in range(len(c) - 1)])
+        self.reconstruct = nn.Sequential(RestormerLayer(c[-1] + 2 * shallow, c[-1]), RestormerLayer(c[-1], 1))
+        self.warp = FieldWarp(official_warp)
+
+    @staticmethod
+    def _up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+    def forward(self, shallow_f, shallow_m, tokens_f, tokens_m, flow) -> torch.Tensor:
+        q = None
+        for i, stage in enumerate(self.stages):
+            if i:
+                tokens_f = F.relu(self.token_up[i - 1](self._up(tokens_f)))
+                tokens_m = F.relu(self.token_up[i - 1](self._up(tokens_m)))
+                q = F.relu(self.fused_up[i - 1](self._up(q)))
+            scale = flow.shape[-1] / tokens_m.shape[-1]
+            flow_d = F.interpolate(flow, size=tokens_m.shape[-2:], mode="bilinear", align_corners=False) / scale
+            parts = [tokens_f, self.warp(tokens_m, flow_d)] + ([q] if q is not None else [])
+            q = stage(torch.cat(parts, 1))
+        q = self._up(q)
+        x = torch.cat([q, shallow_f, self.warp(shallow_m, flow)], 1)
+        return torch.sigmoid(self.reconstruct(x))
+
+
+class BSAFusion(nn.Module):
+    """BSAFusion network.
+
+    Input ``x`` (B, 2, H, W) in [0, 1]: channel 0 the fixed MRI, channel 1 the moving image (CT or PET/SPECT
+    luminance). Any H, W (zero-padded to a multiple of ``patch_size`` internally and cropped back).
+
+    ``forward(x, mode="fuse")`` returns the fused image (B, 1, H, W) in (0, 1) (MRI frame).
+    ``mode="full"`` returns a dict: ``fused``, ``aligned`` (the moving image warped onto the MRI, (B, 1, H, W)),
+    ``ddf`` (B, 2, H, W) the pull field in pixels, MONAI (row, column) order, ``logits_fixed``/``logits_moving``
+    (B, 2) modality logits (index 1 = MRI). ``mode="train"`` adds what :class:`scripts.losses.BSAFusionLoss`
+    needs: the per-level fields, the discriminator logits and the moving image warped with border padding.
+
+    Args:
+        spatial_dims: 2 only (the token grid, positional map and fields are 2D).
+        hidden_size, num_heads, patch_size, depth: ViT width, heads, patch side, blocks per ViT stack.
+        pos_size: side of the learned positional map (resized to the input; 256 officially).
+        reg_channels: channel schedule of the registration chains (first = hidden_size).
+        fusion_channels: fusion decoder widths per scale.
+        official_warp, token_shift: reproduce the official quirks (see module docstring).
+        dropout: attention/output dropout of the classifier and discriminator (0.1 officially).
+    """
+
+    def __init__(self, spatial_dims: int = 2, hidden_size: int = 256, num_heads: int = 4, patch_size: int = 16,
+                 depth: int = 2, pos_size: int = 256, reg_channels=(256, 64, 32, 16, 8, 1),
+                 fusion_channels=(64, 32, 16, 12), shallow_channels: int = 8, official_warp: bool = True,
+                 token_shift: bool = True, dropout: float = 0.1) -> None:
+        super().__init__()
+        if spatial_dims != 2:
+            raise ValueError("BSAFusion is 2D (token grid, positional map and deformation fields); got "
+                             f"spatial_dims={spatial_dims}. Fuse volumes slice by slice.")
+        if reg_channels[0] != hidden_size:
+            raise ValueError(f"reg_channels[0] ({reg_channels[0]}) must equal hidden_size ({hidden_size}).")
+        if patch_size != 2 ** (len(reg_channels) - 2):
+            raise ValueError(f"patch_size {patch_size} must be 2**(len(reg_channels) - 2) so that the last "
+                             "registration step runs at full resolution.")
+        self.patch_size = patch_size
+        self.encoder_shallow = RestormerLayer(1, shallow_channels)
+        self.encoder_deep = RestormerLayer(shallow_channels, 3)
+        self.classifier = ModalityClassifier(3, hidden_size, patch_size, num_heads, depth, dropout, True, pos_size)
+        self.discriminator = ModalityClassifier(3, hidden_size, patch_size, num_heads, depth, dropout, embed=False)
+        self.discriminator.requires_grad_(False)  # a lagging copy of the classifier (see ``epoch_completed``)
+        self.transfer_fixed = TransferStack(hidden_size, num_heads, depth, token_shift)
+        self.transfer_moving = TransferStack(hidden_size, num_heads, depth, token_shift)
+        self.registration = RegistrationNet(reg_channels, official_warp)
+        self.fusion = FusionDecoder(hidden_size, fusion_channels, shallow_channels, official_warp)
+        self.image_warp = FieldWarp(official_warp)
+        self.border_warp = FieldWarp(official=False)
+
+    @torch.no_grad()
+    def epoch_completed(self) -> None:
+        """Copy the classifier's Transformer and head into the frozen discriminator (done after every epoch)."""
+        src = self.classifier.state_dict()
+        self.discriminator.load_state_dict({k: v for k, v in src.items() if k in self.discriminator.state_dict()})
+
+    def _grid(self, t: torch.Tensor, shape) -> torch.Tensor:
+        h, w = shape[0] // self.patch_size, shape[1] // self.patch_size
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+
+    def forward(self, x: torch.Tensor, mode: str = "fuse"):
+        if x.ndim != 4 or x.shape[1] != 2:
+            raise ValueError(f"BSAFusion expects (B, 2, H, W) [fixed MRI, moving]; got {tuple(x.shape)}.")
+        if mode not in ("fuse", "full", "train"):
+            raise ValueError(f"mode must be 'fuse', 'full' or 'train', got {mode!r}.")
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        ph, pw = (-h) % p, (-w) % p
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        fixed, moving = x[:, :1], x[:, 1:2]
+        shape = x.shape[-2:]
+
+        shallow_f = self.encoder_shallow(fixed)
+        shallow_m = self.encoder_shallow(moving)
+        tokens_f = self.classifier.embed(self.encoder_deep(shallow_f))
+        tokens_m = self.classifier.embed(self.encoder_deep(shallow_m))
+        logits_f, mfrh_f, tokens_f = self.classifier(tokens_f)
+        logits_m, mfrh_m, tokens_m = self.classifier(tokens_m)
+        trans_f = self.transfer_fixed(tokens_f, mfrh_m)
+        trans_m = self.transfer_moving(tokens_m, mfrh_f)
+        phis, flow = self.registration(self._grid(trans_f, shape), self._grid(trans_m, shape))
+        fused = self.fusion(shallow_f, shallow_m, self._grid(tokens_f, shape), self._grid(tokens_m, shape), flow)
+
+        crop = (..., slice(0, h), slice(0, w))
+        if mode == "fuse":
+            return fused[crop]
+        out = {
+            "fused": fused[crop],
+            "aligned": self.image_warp(moving, flow)[crop],
+            "ddf": flow.flip(1)[crop],
+            "logits_fixed": logits_f,
+            "logits_moving": logits_m,
+        }
+        if mode == "train":
+            out["phis"] = phis
+            out["flow"] = flow[crop]
+            out["warped_border"] = self.border_warp(moving, flow)[crop]
+            out["fixed"], out["moving"] = fixed[crop], moving[crop]
+            out["logits_disc_fixed"] = self.discriminator(trans_f)[0]
+            out["logits_disc_moving"] = self.discriminator(trans_m)[0]
+        return out
