@@ -34,7 +34,7 @@ from scripts.transforms import FusionDataError
 __all__ = ["ScoringSourcesd", "attach_fused_files", "LoadFusedd", "FusedPassThrough", "FusionMetricsWriter"]
 
 RASTER = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-REG = {f"reg_{k}": v[1] for k, v in M.REGISTRATION_METRICS.items()} | {"reg_SSIM": True}
+REG = {f"reg_{k}": v[1] for k, v in M.REGISTRATION_METRICS.items()} | {"reg_SSIM": True, "reg_folding": False}
 INFO = ["name", "pair", "modality_a", "modality_b", "method"]
 FILES = ["error", "fused_file", "source_a", "source_b", "aligned_b"]
 _LOADER = LoadImage(image_only=True, ensure_channel_first=True)
@@ -271,6 +271,10 @@ class FusionMetricsWriter:
             reg = M.compute_registration_metrics(moved[None], b[None])
             reg.setdefault("SSIM", M.ssim(b[None], b[None], moved[None], convention="wang", reduction="none")[:, 0])
             out.update({f"reg_{k}": _fmt(float(v[0])) for k, v in reg.items()})
+        if d.get("ddf") is not None:  # fraction of folding pixels (Jacobian determinant <= 0) of the method's field
+            from scripts.registration import folding_fraction
+
+            out["reg_folding"] = _fmt(folding_fraction(torch.as_tensor(d["ddf"]).float().cpu()))
         out["error"] = "; ".join(errors)
         return out
 

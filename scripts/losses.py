@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -286,3 +287,100 @@ class MACTFusionLoss(nn.Module):
 
 
 __all__ += ["ms_ssim", "MACTFusionLoss"]
+
+
+class BSAFusionLoss(nn.Module):
+    """BSAFusion's joint registration + fusion loss, ``ce + confusion + smooth + fusion + reg`` (weights 1).
+
+    ``pred`` is the network's ``mode="train"`` dict; ``target`` (B, 2, *S) holds the fixed MRI and the moving image's
+    *aligned* ground truth ``I_m*`` (the undeformed image when the misalignment is synthetic). With ``F`` fused,
+    ``I_f`` fixed, ``W`` = moving warped by the predicted field with border padding:
+
+    - ``ce`` = CE(fixed logits, MRI) + CE(moving logits, other): the modality classifier whose class token is the MFRH;
+    - ``confusion`` = CE(discriminator logits of both Transfer outputs, (1/2, 1/2)); minimum 2 ln 2;
+    - ``smooth`` = sum_i w_i R(phi_i) + R(u) over the per-level fields and the final one, ``R`` = MONAI
+      :class:`~monai.losses.DiffusionLoss` / 3 (central differences; the official code uses forward differences,
+      same /3). ``smooth_schedule="intended"`` (default) weights both fields of level k by 10^(k-5);
+      ``"official"`` reproduces the official indexing bug (1e-4, 1.1e-3, 1.1e-2, 0.11, 1.1, 1, 0, 0, 0, 0);
+    - ``fusion`` = (1-SSIM(F, I_f)) + lambda (1-SSIM(F, W)) + 0.5 |F - max(I_f, W)| + |G(F) - max(G(I_f), G(W))|
+      (MONAI :class:`~monai.losses.SSIMLoss`, 11-px Gaussian window; ``G`` = sum of absolute Sobel responses).
+      ``lambda`` is adaptive as officially: the ratio of the two SSIM terms summed over the previous epoch
+      (1 in the first), updated by :meth:`epoch_completed` (``scripts.engine.EpochHooks`` calls it);
+    - ``reg`` = (1-SSIM(I_m*, W)) + |I_m* - W|: supervised alignment to the ground truth;
+    - ``mi`` (weight 0 by default) = MONAI :class:`~monai.losses.GlobalMutualInformationLoss` between ``I_f``
+      and ``W``, for data without a ground truth (then set ``reg_weight`` to 0).
+    """
+
+    OFFICIAL_SMOOTH = (1e-4, 1.1e-3, 1.1e-2, 0.11, 1.1, 1.0, 0.0, 0.0, 0.0, 0.0)
+    INTENDED_SMOOTH = (1e-4, 1e-4, 1e-3, 1e-3, 1e-2, 1e-2, 0.1, 0.1, 1.0, 1.0)
+
+    def __init__(self, ce_weight: float = 1.0, confusion_weight: float = 1.0, smooth_weight: float = 1.0,
+                 fusion_weight: float = 1.0, reg_weight: float = 1.0, mi_weight: float = 0.0,
+                 smooth_schedule: str = "intended", adaptive_lambda: bool = True) -> None:
+        super().__init__()
+        from monai.losses import DiffusionLoss, GlobalMutualInformationLoss, SSIMLoss
+
+        if smooth_schedule not in ("intended", "official"):
+            raise ValueError(f"smooth_schedule must be 'intended' or 'official', got {smooth_schedule!r}")
+        self.weights = dict(ce=ce_weight, confusion=confusion_weight, smooth=smooth_weight, fusion=fusion_weight,
+                            reg=reg_weight, mi=mi_weight)
+        self.level_weights = self.OFFICIAL_SMOOTH if smooth_schedule == "official" else self.INTENDED_SMOOTH
+        self.adaptive_lambda = adaptive_lambda
+        self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
+        self.diffusion = DiffusionLoss()
+        self.mi = GlobalMutualInformationLoss() if mi_weight else None
+        self.register_buffer("fusion_lambda", torch.tensor(1.0))
+        self.register_buffer("_sums", torch.zeros(2, dtype=torch.float64))  # epoch sums of S(F, W), S(F, I_f)
+
+    def _ssim(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.ssim(x, y)  # MONAI SSIMLoss = 1 - SSIM, batch mean
+
+    def smoothness(self, field: torch.Tensor) -> torch.Tensor:
+        if min(field.shape[2:]) <= 2:  # DiffusionLoss needs > 2 px per side (tiny crops' coarsest level)
+            return field.new_zeros(())
+        with warnings.catch_warnings():  # MONAI indexes with a list of slices; torch warns on every call
+            warnings.simplefilter("ignore", UserWarning)
+            return self.diffusion(field) / 3
+
+    def terms(self, pred: dict, target: torch.Tensor) -> dict:
+        if not isinstance(pred, dict) or "warped_border" not in pred:
+            raise ValueError("BSAFusionLoss needs the network's mode='train' output (a dict with the fields, "
+                             "logits and warped moving image); train with scripts.engine.FusionInferer(mode='train').")
+        if target.ndim != 4 or target.shape[1] < 2:
+            raise ValueError(f"target must be (B, 2, H, W) [fixed, aligned moving], got {tuple(target.shape)}")
+        fused, warped = pred["fused"].float(), pred["warped_border"].float()
+        fixed, truth = target[:, :1].float(), target[:, 1:2].float()
+        n = fused.shape[0]
+        mri = torch.tensor([0.0, 1.0], device=fused.device).expand(n, 2)
+        other, half = mri.flip(1), torch.full_like(mri, 0.5)
+        ce = F.cross_entropy(pred["logits_fixed"].float(), mri) + F.cross_entropy(pred["logits_moving"].float(), other)
+        confusion = (F.cross_entropy(pred["logits_disc_fixed"].float(), half)
+                     + F.cross_entropy(pred["logits_disc_moving"].float(), half))
+        smooth = self.smoothness(pred["flow"].float())
+        for w, phi in zip(self.level_weights, pred["phis"]):
+            if w:
+                smooth = smooth + w * self.smoothness(phi.float())
+        s_fixed, s_moving = self._ssim(fused, fixed), self._ssim(fused, warped)
+        if self.training and self.adaptive_lambda:
+            self._sums += torch.stack([s_moving.detach(), s_fixed.detach()]).double()
+        grads = MACTFusionLoss.gradient(torch.cat([fused, fixed, warped], 1))
+        fusion = (s_fixed + self.fusion_lambda * s_moving + 0.5 * F.l1_loss(fused, torch.maximum(fixed, warped))
+                  + F.l1_loss(grads[:, :1], torch.maximum(grads[:, 1:2], grads[:, 2:3])))
+        out = {"ce": ce, "confusion": confusion, "smooth": smooth, "fusion": fusion,
+               "reg": self._ssim(truth, warped) + F.l1_loss(warped, truth)}
+        if self.mi is not None:
+            out["mi"] = self.mi(warped, fixed)
+        return out
+
+    def forward(self, pred: dict, target: torch.Tensor) -> torch.Tensor:
+        return sum(self.weights[k] * v for k, v in self.terms(pred, target).items() if self.weights[k])
+
+    @torch.no_grad()
+    def epoch_completed(self) -> None:
+        """lambda <- sum S(F, W) / sum S(F, I_f) over the epoch just finished (kept if nothing was summed)."""
+        if self.adaptive_lambda and self._sums[1] > 0:
+            self.fusion_lambda.fill_(float(self._sums[0] / self._sums[1]))
+        self._sums.zero_()
+
+
+__all__ += ["BSAFusionLoss"]

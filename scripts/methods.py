@@ -14,7 +14,7 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-__all__ = ["available_methods", "load_method_config", "build", "default_checkpoint"]
+__all__ = ["available_methods", "load_method_config", "build", "build_list", "default_checkpoint"]
 
 
 def _methods_dir(bundle_root) -> Path:
@@ -41,6 +41,11 @@ def build(component: dict, overrides: dict | None = None, **kwargs):
     """Instantiate a ``{"_target_": ..., **args}`` config with ``overrides`` then ``kwargs`` applied on top."""
     cfg = {**component, **(overrides or {}), **kwargs}
     return ConfigParser({"c": cfg}).get_parsed_content("c")
+
+
+def build_list(components) -> list:
+    """Instantiate a list of ``{"_target_": ...}`` configs (a method's extra transforms); ``[]`` for none."""
+    return [build(c) for c in components or []]
 
 
 def default_checkpoint(bundle_root, method: str, output_dir=None) -> str | None:

@@ -90,8 +90,8 @@ def _run_bsafusion(net: BSAFusion, case: dict) -> dict:
     ours = {
         "out_fused": out["fused"],
         "flow": out["flow"],  # official (column, row) order; the public ``ddf`` is its flip
-        "out_moving_aligned": out["aligned"],
-        "out_moving_warp2D_border": out["warped_border"],
+        "out_moving_aligned": out["aligned_official"],
+        "out_moving_warp2D_border": out["aligned"],
         "logits_cls_fixed": out["logits_fixed"],
         "logits_cls_moving": out["logits_moving"],
         "logits_disc_fixed": out["logits_disc_fixed"],

@@ -300,7 +300,9 @@ class BSAFusion(nn.Module):
     luminance). Any H, W (zero-padded to a multiple of ``patch_size`` internally and cropped back).
 
     ``forward(x, mode="fuse")`` returns the fused image (B, 1, H, W) in (0, 1) (MRI frame).
-    ``mode="full"`` returns a dict: ``fused``, ``aligned`` (the moving image warped onto the MRI, (B, 1, H, W)),
+    ``mode="full"`` returns a dict: ``fused``, ``aligned`` (the moving image warped onto the MRI with border
+    padding, as the training loss and the official colour path warp it, (B, 1, H, W); with ``official_warp`` also
+    ``aligned_official``, the zero-padded, half-pixel-shifted warp the official test script saves),
     ``ddf`` (B, 2, H, W) the pull field in pixels, MONAI (row, column) order, ``logits_fixed``/``logits_moving``
     (B, 2) modality logits (index 1 = MRI). ``mode="train"`` adds what :class:`scripts.losses.BSAFusionLoss`
     needs: the per-level fields, the discriminator logits and the moving image warped with border padding.
@@ -338,6 +340,7 @@ class BSAFusion(nn.Module):
         self.transfer_moving = TransferStack(hidden_size, num_heads, depth, token_shift)
         self.registration = RegistrationNet(reg_channels, official_warp)
         self.fusion = FusionDecoder(hidden_size, fusion_channels, shallow_channels, official_warp)
+        self.official_warp = official_warp
         self.image_warp = FieldWarp(official_warp)
         self.border_warp = FieldWarp(official=False)
 
@@ -380,15 +383,17 @@ class BSAFusion(nn.Module):
             return fused[crop]
         out = {
             "fused": fused[crop],
-            "aligned": self.image_warp(moving, flow)[crop],
+            "aligned": self.border_warp(moving, flow)[crop],
             "ddf": flow.flip(1)[crop],
             "logits_fixed": logits_f,
             "logits_moving": logits_m,
         }
+        if self.official_warp:  # what the official test script saves (zero padding, half-pixel shift)
+            out["aligned_official"] = self.image_warp(moving, flow)[crop]
         if mode == "train":
             out["phis"] = phis
             out["flow"] = flow[crop]
-            out["warped_border"] = self.border_warp(moving, flow)[crop]
+            out["warped_border"] = out["aligned"]
             out["fixed"], out["moving"] = fixed[crop], moving[crop]
             out["logits_disc_fixed"] = self.discriminator(trans_f)[0]
             out["logits_disc_moving"] = self.discriminator(trans_m)[0]
