@@ -68,6 +68,12 @@ def load_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
             f"{path}: refusing to load a checkpoint that contains pickled Python objects (a whole model or custom "
             "classes); only tensors/state dicts are accepted (torch.load weights_only=True). Re-save it in a "
             f"trusted environment with torch.save(model.state_dict(), ...). Original error: {e}") from e
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated / not a checkpoint: say which file and what
+        raise CheckpointConversionError(
+            f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:300]})."
+        ) from e
     return unwrap_state_dict(obj)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
+from scripts.io import safe_name
 from scripts.transforms import FusionDataError, LoadFusionPaird
 
 __all__ = ["build_datalist", "check_datalist", "in_validation_split"]
@@ -38,6 +39,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".ni
 STRUCTURAL = ("MRI", "MR", "T1", "T1W", "T1CE", "T1C", "T2", "T2W", "FLAIR", "PD")
 NON_MODALITY_DIRS = {"mask", "masks", "label", "labels", "seg", "segmentation", "lesion_masks", "fused", "gt"}
 PATH_KEYS = ("source_a", "source_b", "aligned_b", "moving", "lesion")
+ERROR_KEY = "fusion_error"  # an item that cannot be fused: inference logs and skips it (scripts.engine.SkipBadPairs)
 SPLITS = ("training", "validation", "testing", "all")
 
 
@@ -61,7 +63,7 @@ def _modality_order(mod: str) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------- readers
-def _read_csv(path: Path, pair_source: str) -> list[dict]:
+def _read_csv(path: Path, pair_source: str, skip_bad: bool = False) -> list[dict]:
     base = path.parent
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -94,8 +96,11 @@ def _read_csv(path: Path, pair_source: str) -> list[dict]:
                 f"{path}: unknown manifest columns {sorted(row)}; expected pair,id,mri,moving,aligned "
                 "or source_a,source_b[,name,pair,modality_a,modality_b,lesion]."
             )
-        if not item.get("source_b"):
-            raise FusionDataError(f"{path}: row {i + 2} has no partner image for {item['source_a']}.")
+        if not item.get("source_b") or not item.get("source_a"):
+            message = f"{path}: row {i + 2} has no partner image for {item.get('source_a') or item.get('source_b')}."
+            if not skip_bad:
+                raise FusionDataError(message)
+            item[ERROR_KEY] = message
         items.append(item)
     return [_resolve(item, base) for item in items]
 
@@ -115,7 +120,7 @@ def _folder_groups(root: Path) -> list[tuple[str, Path]]:
     return [(sub.name, sub) for sub in sorted(root.iterdir()) if sub.is_dir() and len(modality_dirs(sub)) >= 2]
 
 
-def _read_folders(root: Path) -> list[dict]:
+def _read_folders(root: Path, skip_bad: bool = False) -> list[dict]:
     items = []
     for _, group in _folder_groups(root):
         mods = {
@@ -128,14 +133,24 @@ def _read_folders(root: Path) -> list[dict]:
         files_a = mods[mod_a]
         for mod_b in others:
             files_b = mods[mod_b]
-            for stem in sorted(set(files_a) ^ set(files_b)):
-                have, missing = (mod_a, mod_b) if stem in files_a else (mod_b, mod_a)
-                raise FusionDataError(
-                    f"{mods[have][stem]}: no partner named '{stem}.*' in {group / missing}; "
-                    "paired folders must hold the same file names."
-                )
             pair = f"{mod_b}-{mod_a}"
-            for stem in sorted(files_a):
+            if not skip_bad:
+                for stem in sorted(set(files_a) ^ set(files_b)):
+                    have, missing = (mod_a, mod_b) if stem in files_a else (mod_b, mod_a)
+                    raise FusionDataError(
+                        f"{mods[have][stem]}: no partner named '{stem}.*' in {group / missing}; "
+                        "paired folders must hold the same file names."
+                    )
+            for stem in sorted(set(files_a) | set(files_b)):
+                if stem not in files_a or stem not in files_b:  # skip_bad: an item that says what is wrong
+                    have, missing = (mod_a, mod_b) if stem in files_a else (mod_b, mod_a)
+                    items.append({
+                        "name": f"{pair}_{stem}", "pair": pair, "modality_a": mod_a, "modality_b": mod_b,
+                        "source_a": str(mods[have][stem]),
+                        ERROR_KEY: f"{mods[have][stem]}: no partner named '{stem}.*' in {group / missing}; "
+                        "paired folders must hold the same file names.",
+                    })
+                    continue
                 items.append(
                     {
                         "name": f"{pair}_{stem}",
@@ -160,7 +175,8 @@ def _read_json(path: Path, split: str) -> tuple[list[dict], bool]:
     if not lists:
         raise FusionDataError(f"{path}: no 'training', 'validation' or 'testing' list in this datalist.")
     keys = lists if split == "all" else [split] if split in lists else ["training"]
-    items = [it for k in keys for it in load_decathlon_datalist(path, False, k, base_dir=path.parent)]
+    # absolute base: MONAI joins it to the entries, and a relative one would be joined again when resolving
+    items = [it for k in keys for it in load_decathlon_datalist(path, False, k, base_dir=path.parent.resolve())]
     for it in items:
         if "label" in it:  # in a fusion datalist, 'label' is a lesion mask; 'label' is the training target here
             it["lesion"] = it.pop("label")
@@ -207,6 +223,7 @@ def build_datalist(
     pairs: list[str] | None = None,
     val_fraction: float = 0.2,
     check: bool = True,
+    skip_bad: bool = False,
 ) -> list[dict]:
     """Read ``dataset_dir`` into a list of fusion-pair dicts.
 
@@ -221,6 +238,8 @@ def build_datalist(
         pairs: keep only these pair types (e.g. ``["CT-MRI"]``); ``None`` keeps all.
         check: load every pair once and fail with one error listing each unusable file (missing, corrupt, wrong
             channel count, NaN/Inf, constant, size mismatch) before any training or inference starts.
+        skip_bad: instead of raising, return a pair that cannot be used (no partner; with ``check``, any problem
+            above) as an item with a ``fusion_error`` message; batch inference logs and skips such items.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -231,9 +250,9 @@ def build_datalist(
     kind = kind if layout == "auto" else layout
     has_split = False
     if kind == "csv":
-        items = _read_csv(path, pair_source)
+        items = _read_csv(path, pair_source, skip_bad)
     elif kind == "folders":
-        items = _read_folders(path)
+        items = _read_folders(path, skip_bad)
     elif kind == "json":
         items, has_split = _read_json(path, split)
     else:
@@ -259,21 +278,40 @@ def build_datalist(
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:5]
         raise FusionDataError(f"{dataset_dir}: duplicate pair names {dup}; names must be unique.")
+    # outputs are named <safe_name(name)>_fused.*: two names that sanitise alike would overwrite each other
+    by_file: dict[str, str] = {}
+    for n in names:
+        other = by_file.setdefault(safe_name(n), n)
+        if other != n:
+            raise FusionDataError(
+                f"{dataset_dir}: pair names {other!r} and {n!r} give the same output file name "
+                f"{safe_name(n)!r}; rename one of them."
+            )
     if check:
-        check_datalist(items)
+        check_datalist(items, mark=skip_bad)
     logger.info("%s: %d pairs (%s, split %s)", dataset_dir, len(items), kind, split)
     return items
 
 
-def check_datalist(items: list[dict], loader: LoadFusionPaird | None = None, max_report: int = 20) -> None:
-    """Load every pair once; raise one :class:`FusionDataError` listing each unusable pair."""
+def check_datalist(
+    items: list[dict], loader: LoadFusionPaird | None = None, max_report: int = 20, mark: bool = False
+) -> None:
+    """Load every pair once; raise one :class:`FusionDataError` listing each unusable pair (``mark``: set the
+    item's ``fusion_error`` instead)."""
     loader = loader or LoadFusionPaird()
     problems = []
     for item in items:
+        if item.get(ERROR_KEY):
+            problems.append(item[ERROR_KEY])
+            continue
         try:
             loader({k: item[k] for k in ("source_a", "source_b") if k in item})
         except FusionDataError as e:
+            if mark:
+                item[ERROR_KEY] = str(e)
             problems.append(str(e))
+    if mark:
+        return
     if problems:
         more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
         raise FusionDataError(

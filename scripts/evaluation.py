@@ -264,7 +264,12 @@ class FusionMetricsWriter:
         out = {n: _fmt(v if v is None else float(v[0])) for n, v in vals.items()}
         if "score_moving" in d:  # registration: the method's aligned output, else the moving input itself
             moved = d.get("registered")  # [0, 1] luminance
-            if moved is not None:
+            if d.get("ddf") is not None:  # warp the moving image's own grey values with the method's field
+                from scripts.registration import warp
+
+                ddf = torch.as_tensor(d["ddf"]).float().cpu()
+                moved = _rc(warp(_plain(d["score_moving"]).float(), ddf))
+            elif moved is not None:
                 moved = M.to_grey255(_rc(moved)[None])[0]
                 moved = studio(moved) if d.get("truth_studio") else moved
             moved = _rc(d["score_moving"]) if moved is None else moved

@@ -11,19 +11,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["safe_name", "output_extension", "atomic_save", "write_image", "save_state_dict"]
+__all__ = ["safe_name", "output_extension", "atomic_save", "write_image", "save_state_dict", "ensure_writable_dir"]
 
 PNG_LIKE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def safe_name(name) -> str:
+def safe_name(name, max_bytes: int = 200) -> str:
     """A file-name stem that cannot leave its folder: path separators, '..' and control characters are replaced.
 
-    Letters of any script (non-ASCII) and spaces are kept, since users' data has them.
+    Letters of any script (non-ASCII) and spaces are kept, since users' data has them. The result is at most
+    ``max_bytes`` bytes in UTF-8 (file systems limit a name to 255 bytes; ``_fused_rgb.png`` is appended).
     """
-    s = re.sub(r"[\\/\x00-\x1f]+", "_", str(name)).strip()
+    s = re.sub(r"[\\/\x00-\x1f\x7f]+", "_", str(name)).strip()
     s = re.sub(r"^\.+", "", s)  # no hidden files, no '..'
-    return s[:200] or "pair"
+    s = s.encode("utf-8", "replace")[:max_bytes].decode("utf-8", "ignore").strip()  # never split a character
+    return s or "pair"
 
 
 def output_extension(source) -> str:
@@ -96,6 +98,22 @@ def write_image(img: torch.Tensor, path: str | os.PathLike, affine=None, protect
     nii = nib.Nifti1Image(arr.astype(np.float32), aff)
     nii.header.set_xyzt_units("mm")
     return atomic_save(path, lambda tmp: nib.save(nii, tmp), protect)
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that files can be written there (a real write, so read-only mounts,
+    permissions and full disks are all caught); raise ``PermissionError`` naming the folder otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"{path}: output folder is not writable ({e.strerror or e}); choose another --output_dir."
+        ) from e
+    return path
 
 
 def save_state_dict(state_dict: dict, path: str | os.PathLike) -> Path:

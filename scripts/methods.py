@@ -27,8 +27,9 @@ def available_methods(bundle_root=".") -> list[str]:
 
 def load_method_config(bundle_root, method: str) -> dict:
     """The raw (not yet instantiated) content of ``configs/methods/<method>.json``."""
+    # validated against the registry by name: a user string never becomes a path ('../x' cannot load another JSON)
     path = _methods_dir(bundle_root) / f"{method}.json"
-    if not path.is_file():
+    if not isinstance(method, str) or method not in available_methods(bundle_root) or not path.is_file():
         raise ValueError(f"unknown method {method!r}; available: {', '.join(available_methods(bundle_root))}.")
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)

@@ -66,6 +66,42 @@ def ycbcr_to_rgb(ycc: torch.Tensor) -> torch.Tensor:
     return _apply_colour_matrix(ycc, _YCC2RGB)
 
 
+def _pil_standard_mode(img):
+    """PIL image -> grey / grey+alpha / RGB / RGBA as displayed: a palette PNG holds colour *indices* (its pixels
+    are not intensities), a CMYK/YCbCr/LAB/HSV JPEG has 3-4 channels that are not RGB(A), bilevel is 0/1."""
+    mode = img.mode
+    if mode == "P":
+        return img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if mode in ("PA", "RGBa"):
+        return img.convert("RGBA")
+    if mode == "La":
+        return img.convert("LA")
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("RGB")
+    if mode == "1":
+        return img.convert("L")
+    return img
+
+
+def _read_error_reason(e: BaseException) -> str:
+    """One line out of MONAI's LoadImage error, which holds a traceback per reader it tried: the first reader's
+    final ``SomeError: message`` line (e.g. PIL's 'cannot identify image file')."""
+    import re
+
+    text = str(e)
+    found = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception|Warning)): (.+)$", text, flags=re.M)
+    if found:
+        reasons = []
+        for name, msg in found:
+            r = f"{name.rsplit('.', 1)[-1]}: {msg.strip()}"
+            if r not in reasons:
+                reasons.append(r)
+        reason = "; ".join(reasons[:2])
+    else:
+        reason = f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+    return reason[:300]
+
+
 def _describe(path) -> str:
     return str(path) if path is not None else "<in-memory image>"
 
@@ -91,6 +127,8 @@ class LoadFusionPaird(MapTransform):
             nibabel for NIfTI, ITK for DICOM series and other formats).
         image_key: key of the alternative ``image`` input forms.
         allow_constant: accept constant images (for inference on odd data; training rejects them).
+        spatial_dims: the workflow's dimensionality: trailing size-1 axes beyond it are dropped (a one-slice DICOM or
+            NIfTI is 2D), any other mismatch (a volume given to a 2D workflow) raises a clear error. ``None``: no check.
     """
 
     def __init__(
@@ -99,13 +137,20 @@ class LoadFusionPaird(MapTransform):
         reader=None,
         image_key: str = "image",
         allow_constant: bool = False,
+        spatial_dims: int | None = None,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != 2:
             raise ValueError(f"LoadFusionPaird needs exactly two source keys, got {self.keys}.")
         self.loader = LoadImage(reader=reader, image_only=True, ensure_channel_first=True)
+        from monai.data import PILReader
+
+        for r in self.loader.readers:  # palette/CMYK/bilevel PNG/JPEG/TIFF converted to what they show
+            if isinstance(r, PILReader) and r.converter is None:
+                r.converter = _pil_standard_mode
         self.image_key = image_key
         self.allow_constant = allow_constant
+        self.spatial_dims = None if spatial_dims is None else int(spatial_dims)
 
     def _read(self, path) -> MetaTensor:
         if isinstance(path, torch.Tensor | np.ndarray):
@@ -119,7 +164,7 @@ class LoadFusionPaird(MapTransform):
         try:
             return self.loader(str(p))
         except Exception as e:  # every reader fails differently on corrupt or non-image files
-            raise FusionDataError(f"{p}: cannot read as an image ({type(e).__name__}: {e}).") from e
+            raise FusionDataError(f"{p}: cannot read as an image ({_read_error_reason(e)}).") from e
 
     def _to_grey(self, img: MetaTensor, path, key: Hashable, d: dict) -> MetaTensor:
         c = img.shape[0]
@@ -137,6 +182,37 @@ class LoadFusionPaird(MapTransform):
                 f"{_describe(path)}: {c} channels; expected 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA)."
             )
         return img
+
+    def _match_dims(self, img: MetaTensor, path) -> MetaTensor:
+        if self.spatial_dims is None:
+            return img
+        while img.ndim - 1 > self.spatial_dims and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim - 1 != self.spatial_dims:
+            raise FusionDataError(
+                f"{_describe(path)}: {img.ndim - 1}D image of size {tuple(img.shape[1:])} in a {self.spatial_dims}D "
+                f"workflow; use --spatial_dims {img.ndim - 1} or give {self.spatial_dims}D images."
+            )
+        return img
+
+    def _check_finite(self, img: torch.Tensor, path) -> None:
+        """NaN/Inf, and a value range too wide for float32 arithmetic (intensity scaling would overflow)."""
+        if img.numel() == 0:
+            raise FusionDataError(f"{_describe(path)}: image has no pixels (size {tuple(img.shape[1:])}).")
+        finite = torch.isfinite(img)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(img).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            raise FusionDataError(
+                f"{_describe(path)}: contains {n_nan} NaN and {n_inf} Inf values"
+                + (" (values beyond +-3.4e38 are Inf in float32)" if n_inf else "") + "."
+            )
+        lo, hi = img.min().float(), img.max().float()
+        if not bool(torch.isfinite(hi - lo)):
+            raise FusionDataError(
+                f"{_describe(path)}: value range [{float(lo):g}, {float(hi):g}] is too wide for float32 "
+                "arithmetic; rescale the image."
+            )
 
     def _check_values(self, img: torch.Tensor, path) -> None:
         finite = torch.isfinite(img)
@@ -172,6 +248,8 @@ class LoadFusionPaird(MapTransform):
             raise FusionDataError(f"a pair needs '{key_a}' and '{key_b}' (or '{self.image_key}'); got {sorted(d)}.")
 
         for key, path, img in zip(self.keys, paths, images):
+            img = self._match_dims(img, path)
+            self._check_finite(img, path)
             img = self._to_grey(img, path, key, d)
             self._check_values(img, path)
             d[key] = img.float()

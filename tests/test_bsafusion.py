@@ -279,3 +279,56 @@ def test_split_and_save_registration_outputs(tmp_path):
     assert grid.shape == (20, 24, 3)
     # a non-registering method's output has no registration keys: nothing written
     assert "registration_files" not in SaveRegistrationd(output_dir=tmp_path / "x")({"pred": torch.rand(1, 4, 4)})
+
+
+# ------------------------------------------------------------------------------------------------ workflows
+def test_workflows_train_infer_evaluate_registration(tmp_path, aanlib_dir):
+    from test_workflows import CONFIGS, _tiny_dataset, _workflow
+
+    data = _tiny_dataset(tmp_path / "data", n=4, size=32)
+    run = tmp_path / "run"
+    small = {**SMALL, "reg_channels": list(SMALL["reg_channels"]), "fusion_channels": list(SMALL["fusion_channels"])}
+    wf = _workflow("train", str(CONFIGS / "train.json"), method="bsafusion", dataset_dir=str(data),
+                   output_dir=str(run), epochs=1, batch_size=2, patch_size=[32, 32], network_overrides=small)
+    wf.initialize()
+    assert isinstance(wf.parser.get_parsed_content("train#preprocessing").transforms[-1], RandMisalignd)
+    wf.run()
+    wf.finalize()
+    ckpt = run / "model_final.pt"
+    state = torch.load(ckpt, weights_only=True)["model"] if "model" in torch.load(ckpt, weights_only=True) \
+        else torch.load(ckpt, weights_only=True)
+    net = BSAFusion(**SMALL)
+    net.load_state_dict(state)
+    # the per-epoch hook copied the trained classifier into the frozen discriminator
+    torch.testing.assert_close(net.discriminator.head[2].weight, net.classifier.head[2].weight)
+
+    fused = tmp_path / "fused"
+    wf = _workflow("infer", str(CONFIGS / "inference.json"), method="bsafusion", dataset_dir=str(data),
+                   output_dir=str(fused), ckpt_path=str(ckpt), network_overrides=small)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    names = {p.name for p in fused.iterdir()}
+    for stem in ("MRI_CT_00", "MRI_PET_00"):
+        for suffix in ("_fused.png", "_fused_rgb.png", "_aligned.png", "_ddf.pt", "_ddf.nii.gz", "_grid.png"):
+            assert any(n.endswith(suffix) and "00" in n and stem.split("_")[1] in n for n in names), (stem, suffix)
+    pet_rgb = next(p for p in fused.iterdir() if "PET" in p.name and p.name.endswith("_fused_rgb.png"))
+    rgb = np.asarray(Image.open(pet_rgb)).astype(int)
+    assert rgb.shape == (32, 32, 3) and np.abs(rgb[..., 0] - rgb[..., 2]).max() > 20  # chroma put back
+
+    out = tmp_path / "eval"
+    wf = _workflow("infer", str(CONFIGS / "evaluate.json"), method="bsafusion", dataset_dir=str(aanlib_dir),
+                   pairs=["CT-MRI"], output_dir=str(out), ckpt_path=str(ckpt), network_overrides=small,
+                   figures=False)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and all(r["method"] == "bsafusion" for r in rows)
+    for key in ("reg_MAE", "reg_NCC", "reg_SSIM", "reg_folding", "Qabf", "SSIM"):
+        values = [float(r[key]) for r in rows]
+        assert all(np.isfinite(values)), key
+    assert all(0.0 <= float(r["reg_folding"]) <= 1.0 for r in rows)
+    # fusion is scored against the aligned ground truth, and the moving image was what got fused
+    assert all(r["aligned_b"].endswith("ct_aligned.png") and r["source_b"].endswith("ct_moving.png") for r in rows)

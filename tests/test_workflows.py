@@ -162,7 +162,7 @@ def test_unknown_method_lists_the_available_ones(tiny, tmp_path):
     with pytest.raises(Exception) as err:
         wf.initialize()
         wf.run()
-    assert "unknown method 'nope'; available: average, dran" in _chain(err.value)
+    assert "unknown method 'nope'; available: average, bsafusion, dran" in _chain(err.value)
 
 
 def test_cli_inference_with_baseline_and_bad_pair_message(tiny, tmp_path):

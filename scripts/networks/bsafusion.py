@@ -315,12 +315,14 @@ class BSAFusion(nn.Module):
         fusion_channels: fusion decoder widths per scale.
         official_warp, token_shift: reproduce the official quirks (see module docstring).
         dropout: attention/output dropout of the classifier and discriminator (0.1 officially).
+        zero_init_fields: initialise the field heads to zero, so training starts from the identity mapping
+            (a training choice, not the official init; converted weights overwrite it anyway).
     """
 
     def __init__(self, spatial_dims: int = 2, hidden_size: int = 256, num_heads: int = 4, patch_size: int = 16,
                  depth: int = 2, pos_size: int = 256, reg_channels=(256, 64, 32, 16, 8, 1),
                  fusion_channels=(64, 32, 16, 12), shallow_channels: int = 8, official_warp: bool = True,
-                 token_shift: bool = True, dropout: float = 0.1) -> None:
+                 token_shift: bool = True, dropout: float = 0.1, zero_init_fields: bool = False) -> None:
         super().__init__()
         if spatial_dims != 2:
             raise ValueError("BSAFusion is 2D (token grid, positional map and deformation fields); got "
@@ -341,6 +343,10 @@ class BSAFusion(nn.Module):
         self.registration = RegistrationNet(reg_channels, official_warp)
         self.fusion = FusionDecoder(hidden_size, fusion_channels, shallow_channels, official_warp)
         self.official_warp = official_warp
+        if zero_init_fields:  # start training from the identity (officially: default init, fields of ~20 px)
+            for step in list(self.registration.fixed_steps) + list(self.registration.moving_steps):
+                nn.init.zeros_(step.flow.weight)
+                nn.init.zeros_(step.flow.bias)
         self.image_warp = FieldWarp(official_warp)
         self.border_warp = FieldWarp(official=False)
 
