@@ -357,12 +357,16 @@ class MsgFusionVPrimed(MapTransform):
 
     Args:
         keys: the other modality's key (``source_b``).
-        variant: ``"functional"`` (PET/SPECT) or ``"ct"``; must match the network's ``variant``.
+        variant: ``"functional"`` (PET/SPECT) or ``"ct"``, as the network's ``variant``; ``"auto"`` picks
+            ``"ct"`` when the item's ``modality_b`` is CT, else ``"functional"`` (the variant each model is
+            trained for, see ``configs/methods/msgfusion.json``).
         output_key: where V' is stored.
     """
 
     def __init__(self, keys: KeysCollection = "source_b", variant: str = "functional",
                  output_key: str = "v_prime") -> None:
+        if variant not in ("functional", "ct", "auto"):
+            raise ValueError(f"variant must be 'functional', 'ct' or 'auto', got {variant!r}")
         super().__init__(keys)
         self.variant = variant
         self.output_key = output_key
@@ -379,7 +383,10 @@ class MsgFusionVPrimed(MapTransform):
             else:
                 lo, hi = y.min(), y.max()
                 img = (y[:1] - lo) / (hi - lo) if hi > lo else torch.zeros_like(y[:1])
-            v = msgfusion_v_prime(img[None], self.variant)[0]
+            variant = self.variant
+            if variant == "auto":
+                variant = "ct" if str(d.get("modality_b", "")).upper() == "CT" else "functional"
+            v = msgfusion_v_prime(img[None], variant)[0]
             d[self.output_key] = MetaTensor(v, meta=getattr(d[key], "meta", {})) if isinstance(d[key], MetaTensor) else v
         return d
 

@@ -313,3 +313,25 @@ def test_train_then_infer_workflow(tmp_path):
         arr = np.asarray(rgb).astype(int)
         assert (np.abs(arr[..., 0] - arr[..., 2]).max() > 10) == (pair == "PET-MRI")
         assert np.asarray(grey).std() > 0
+
+
+def test_workflows_feed_colour_v_prime_as_third_channel(tmp_path):
+    """inference.json (and train/evaluate, same keys) give MsgFusion V' computed from the colour PET, CT-style V'
+    for CT pairs, and only the two sources as the training target."""
+    tiny = _tiny_dataset(tmp_path / "data", n=2)
+    wf = _workflow("infer", str(CONFIGS / "inference.json"), method="msgfusion", dataset_dir=str(tiny),
+                   output_dir=str(tmp_path / "out"), ckpt_path=None)
+    wf.initialize()
+    items = {it["pair"]: it for it in wf.parser.get_parsed_content("datalist")}
+    pre = wf.parser.get_parsed_content("preprocessing")
+    for pair, variant in (("PET-MRI", "functional"), ("CT-MRI", "ct")):
+        d = pre(items[pair])
+        assert d["image"].shape[0] == 3
+        rgb = np.asarray(Image.open(items[pair]["source_b"]).convert("RGB"), dtype=np.float32) / 255.0
+        expected = msgfusion_v_prime(torch.from_numpy(rgb).permute(2, 1, 0)[None], variant)[0]  # MONAI (x, y)
+        torch.testing.assert_close(torch.as_tensor(d["image"][2:]).float(), expected, atol=2e-2, rtol=0)
+    train = _workflow("train", str(CONFIGS / "train.json"), method="msgfusion", dataset_dir=str(tiny),
+                      output_dir=str(tmp_path / "t"))
+    train.initialize()
+    d = train.parser.get_parsed_content("validate#preprocessing")(items["PET-MRI"])
+    assert d["image"].shape[0] == 3 and d["label"].shape[0] == 2
