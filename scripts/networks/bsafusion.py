@@ -251,8 +251,10 @@ class RegistrationNet(nn.Module):
             s_m, phi_m = self.moving_steps[k](s_m, pair, last)
             phis += [phi_f, phi_m]
             if not last:  # the last level's warped features are unused officially: not computed
-                a_f = self.upsamplers[k](self.warp(a_f, phi_f))
-                a_m = self.upsamplers[k](self.warp(a_m, phi_m))
+                b = a_f.shape[0]
+                warped = self.warp(torch.cat([a_f, a_m], 0), torch.cat([phi_f, phi_m], 0))
+                # instance norm is per sample, so the shared upsampler can take both chains as one batch
+                a_f, a_m = self.upsamplers[k](warped).split(b, 0)
         size = phis[-1].shape[-2:]
         flow = compose_fields(phis[1::2], size) - compose_fields(phis[0::2], size)
         return phis, flow
@@ -281,8 +283,9 @@ class FusionDecoder(nn.Module):
         q = None
         for i, stage in enumerate(self.stages):
             if i:
-                tokens_f = F.relu(self.token_up[i - 1](self._up(tokens_f)))
-                tokens_m = F.relu(self.token_up[i - 1](self._up(tokens_m)))
+                b = tokens_f.shape[0]
+                both = self._up(torch.cat([tokens_f, tokens_m], 0))  # the token upsampler is shared
+                tokens_f, tokens_m = F.relu(self.token_up[i - 1](both)).split(b, 0)
                 q = F.relu(self.fused_up[i - 1](self._up(q)))
             scale = flow.shape[-1] / tokens_m.shape[-1]
             flow_d = F.interpolate(flow, size=tokens_m.shape[-2:], mode="bilinear", align_corners=False) / scale
@@ -373,12 +376,13 @@ class BSAFusion(nn.Module):
         fixed, moving = x[:, :1], x[:, 1:2]
         shape = x.shape[-2:]
 
-        shallow_f = self.encoder_shallow(fixed)
-        shallow_m = self.encoder_shallow(moving)
-        tokens_f = self.classifier.embed(self.encoder_deep(shallow_f))
-        tokens_m = self.classifier.embed(self.encoder_deep(shallow_m))
-        logits_f, mfrh_f, tokens_f = self.classifier(tokens_f)
-        logits_m, mfrh_m, tokens_m = self.classifier(tokens_m)
+        # the shared encoder and classifier see both images as one batch (same result, one call each)
+        n = x.shape[0]
+        shallow = self.encoder_shallow(torch.cat([fixed, moving], 0))
+        logits, mfrh, tokens = self.classifier(self.classifier.embed(self.encoder_deep(shallow)))
+        shallow_f, shallow_m = shallow[:n], shallow[n:]
+        logits_f, logits_m, mfrh_f, mfrh_m = logits[:n], logits[n:], mfrh[:n], mfrh[n:]
+        tokens_f, tokens_m = tokens[:n], tokens[n:]
         trans_f = self.transfer_fixed(tokens_f, mfrh_m)
         trans_m = self.transfer_moving(tokens_m, mfrh_f)
         phis, flow = self.registration(self._grid(trans_f, shape), self._grid(trans_m, shape))
