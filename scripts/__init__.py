@@ -10,12 +10,14 @@
 - ``methods``: ``--method`` registry (``configs/methods/<name>.json``)
 - ``convert``: official checkpoint -> bundle weights
 - ``io``: atomic output writing
+- ``volumes``: NIfTI/DICOM volume geometry, slice-wise (2.5D) and sliding-window fusion of volumes
 """
 
 import importlib
 
 _SUBMODULES = (
-    "convert", "data", "engine", "evaluation", "io", "losses", "methods", "metrics", "networks", "phantom", "transforms"
+    "convert", "data", "engine", "evaluation", "io", "losses", "methods", "metrics", "networks", "phantom", "transforms",
+    "volumes",
 )
 
 

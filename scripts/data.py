@@ -9,9 +9,12 @@ Layouts (``layout="auto"`` picks by what it finds):
 - ``csv``: a ``pairs.csv`` manifest, either the AANLIB one (``pair,id,mri,moving,aligned``) or a generic one
   (``source_a,source_b[,name,pair,modality_a,modality_b,lesion]``); paths relative to the CSV's folder.
 - ``folders``: the paired-folder layout of public fusion benchmarks, ``<dir>/<MODALITY>/<name>.<ext>`` matched by
-  file name, optionally one level deeper per pair type (``<dir>/MRI_CT/{MRI,CT}/...``).
-- ``json``: a MONAI (decathlon-style) datalist JSON of NIfTI/DICOM/PNG files with ``training``/``validation``/
-  ``testing`` lists; a folder holding ``datalist_<N>d.json``, ``datalist.json`` or ``dataset.json`` works too.
+  file name, optionally one level deeper per pair type (``<dir>/MRI_CT/{MRI,CT}/...``); for volumes
+  (``spatial_dims=3``) an image may be a DICOM series folder (``<dir>/MRI/<name>/*.dcm``, matched by the folder
+  name, e.g. with ``<dir>/PET/<name>.nii.gz``).
+- ``json``: a MONAI (decathlon-style) datalist JSON of NIfTI/DICOM/PNG files (or DICOM series folders) with
+  ``training``/``validation``/``testing`` lists; a folder holding ``datalist_<N>d.json``, ``datalist.json`` or
+  ``dataset.json`` works too.
 
 Layouts without explicit splits are split by a hash of the pair name (stable across machines and methods).
 """
@@ -29,6 +32,7 @@ from monai.data import load_decathlon_datalist
 
 from scripts.io import safe_name
 from scripts.transforms import FusionDataError, LoadFusionPaird
+from scripts.volumes import is_dicom_series
 
 __all__ = ["build_datalist", "check_datalist", "in_validation_split"]
 
@@ -105,28 +109,41 @@ def _read_csv(path: Path, pair_source: str, skip_bad: bool = False) -> list[dict
     return [_resolve(item, base) for item in items]
 
 
-def _folder_groups(root: Path) -> list[tuple[str, Path]]:
-    """(pair label prefix, folder of modality sub-folders): root itself, or each pair-type sub-folder."""
+def _is_entry(path: Path, series: bool) -> bool:
+    """An image of a modality folder: an image file, or (``series``) a DICOM series folder."""
+    return _is_image(path) or (series and is_dicom_series(path))
 
-    def modality_dirs(d: Path) -> list[Path]:
+
+def _folder_groups(root: Path, spatial_dims: int = 2) -> list[tuple[str, Path, bool]]:
+    """(pair label prefix, folder of modality sub-folders, whether DICOM series folders count as images): root
+    itself, or each pair-type sub-folder. In 2D workflows a folder of ``.dcm`` files is a set of 2D images (as
+    before); in 3D workflows it is one volume, a DICOM series (``<dir>/<MODALITY>/<name>/*.dcm``), next to NIfTI
+    (or other) volume files."""
+
+    def modality_dirs(d: Path, series: bool) -> list[Path]:
         return [
             s
             for s in sorted(d.iterdir())
-            if s.is_dir() and s.name.lower() not in NON_MODALITY_DIRS and any(_is_image(f) for f in s.iterdir())
+            if s.is_dir() and s.name.lower() not in NON_MODALITY_DIRS and any(_is_entry(f, series) for f in s.iterdir())
         ]
 
-    if len(modality_dirs(root)) >= 2:
-        return [("", root)]
-    return [(sub.name, sub) for sub in sorted(root.iterdir()) if sub.is_dir() and len(modality_dirs(sub)) >= 2]
+    for series in (True, False) if int(spatial_dims) == 3 else (False,):
+        if len(modality_dirs(root, series)) >= 2:
+            return [("", root, series)]
+        groups = [(sub.name, sub, series) for sub in sorted(root.iterdir())
+                  if sub.is_dir() and len(modality_dirs(sub, series)) >= 2]
+        if groups:
+            return groups
+    return []
 
 
-def _read_folders(root: Path, skip_bad: bool = False) -> list[dict]:
+def _read_folders(root: Path, skip_bad: bool = False, spatial_dims: int = 2) -> list[dict]:
     items = []
-    for _, group in _folder_groups(root):
+    for _, group, series in _folder_groups(root, spatial_dims):
         mods = {
-            d.name: {_stem(f): f for f in sorted(d.iterdir()) if _is_image(f)}
+            d.name: {_stem(f): f for f in sorted(d.iterdir()) if _is_entry(f, series)}
             for d in sorted(group.iterdir())
-            if d.is_dir() and d.name.lower() not in NON_MODALITY_DIRS and any(_is_image(f) for f in d.iterdir())
+            if d.is_dir() and d.name.lower() not in NON_MODALITY_DIRS and any(_is_entry(f, series) for f in d.iterdir())
         }
         names = sorted(mods, key=_modality_order)
         mod_a, others = names[0], names[1:]
@@ -232,7 +249,8 @@ def build_datalist(
         split: ``"training"``, ``"validation"``, ``"testing"`` or ``"all"``. Layouts without splits hold out
             ``val_fraction`` of the pairs by name hash as validation (``"testing"`` is that same hold-out).
         layout: ``"auto"``, ``"csv"``, ``"folders"`` or ``"json"``.
-        spatial_dims: picks ``datalist_<N>d.json`` in a folder that has one (the embedded dataset).
+        spatial_dims: picks ``datalist_<N>d.json`` in a folder that has one (the embedded dataset); in paired
+            folders with 3, a folder of DICOM files is one volume (a series), with 2 a set of 2D images.
         pair_source: for manifests with a deformed ``moving`` image and its ``aligned`` ground truth: which one
             becomes ``source_b`` (``"aligned"`` for fusion methods, ``"moving"`` for registration methods).
         pairs: keep only these pair types (e.g. ``["CT-MRI"]``); ``None`` keeps all.
@@ -252,7 +270,7 @@ def build_datalist(
     if kind == "csv":
         items = _read_csv(path, pair_source, skip_bad)
     elif kind == "folders":
-        items = _read_folders(path, skip_bad)
+        items = _read_folders(path, skip_bad, spatial_dims)
     elif kind == "json":
         items, has_split = _read_json(path, split)
     else:

@@ -71,11 +71,14 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
 
 
-def write_image(img: torch.Tensor, path: str | os.PathLike, affine=None, protect: Iterable = ()) -> Path:
+def write_image(img: torch.Tensor, path: str | os.PathLike, affine=None, protect: Iterable = (),
+                nifti_codes: tuple[int, int] | None = None) -> Path:
     """Write a channel-first image in [0, 1].
 
     PNG: (1, W, H) grey or (3, W, H) RGB in MONAI's (x, y) order, stored 8-bit. NIfTI: (1, *spatial) float32 with
-    ``affine`` (4x4), so the output overlays its source in a viewer.
+    ``affine`` (4x4, RAS world) as both its sform and qform, so the output overlays its source in any viewer (ITK
+    prefers the qform, nibabel the sform). ``nifti_codes``: their (qform, sform) codes, e.g. the source's
+    (default: 1, 1 'scanner' with an affine, 0, 0 without).
     """
     img = torch.as_tensor(img).detach().float().cpu()
     path = Path(path)
@@ -96,6 +99,9 @@ def write_image(img: torch.Tensor, path: str | os.PathLike, affine=None, protect
     if aff.shape == (3, 3):  # 2D affine (MONAI keeps spatial_dims+1) -> 4x4 for NIfTI
         aff = np.block([[aff[:2, :2], np.zeros((2, 1)), aff[:2, 2:]], [np.array([[0, 0, 1, 0], [0, 0, 0, 1.0]])]])
     nii = nib.Nifti1Image(arr.astype(np.float32), aff)
+    q_code, s_code = nifti_codes if nifti_codes is not None else ((1, 1) if affine is not None else (0, 0))
+    nii.set_sform(aff, code=int(s_code))
+    nii.set_qform(aff, code=int(q_code))
     nii.header.set_xyzt_units("mm")
     return atomic_save(path, lambda tmp: nib.save(nii, tmp), protect)
 

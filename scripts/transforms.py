@@ -12,7 +12,9 @@ The networks fuse grey intensities. A colour source is split into luminance (fus
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +34,11 @@ __all__ = [
 ]
 
 SOURCE_KEYS = ("source_a", "source_b")
+
+# With pydicom installed, every LoadImage() also builds MONAI's GPU (nvImageCodec) DICOM reader, which logs that
+# the GPU codec is absent each time. DICOM series are read by ITK here; that reader is never used.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
 
 
 class FusionDataError(ValueError):
@@ -129,6 +136,13 @@ class LoadFusionPaird(MapTransform):
         allow_constant: accept constant images (for inference on odd data; training rejects them).
         spatial_dims: the workflow's dimensionality: trailing size-1 axes beyond it are dropped (a one-slice DICOM or
             NIfTI is 2D), any other mismatch (a volume given to a 2D workflow) raises a clear error. ``None``: no check.
+        resample: when both sources are volumes with a world geometry (NIfTI, DICOM series folders, MHA/NRRD;
+            not in 2D workflows) and their voxel grids differ (size, spacing, orientation, origin), resample
+            ``source_b`` onto ``source_a``'s grid (:func:`scripts.volumes.resample_to_reference`: trilinear, its own
+            minimum outside its field of view) instead of failing with a size mismatch. ``source_b_resampled`` says
+            whether it was (set for such pairs only).
+
+    A path may be a DICOM series folder (read by ITK as one volume, LPS converted to MONAI's RAS affine).
     """
 
     def __init__(
@@ -138,6 +152,7 @@ class LoadFusionPaird(MapTransform):
         image_key: str = "image",
         allow_constant: bool = False,
         spatial_dims: int | None = None,
+        resample: bool = True,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != 2:
@@ -151,6 +166,7 @@ class LoadFusionPaird(MapTransform):
         self.image_key = image_key
         self.allow_constant = allow_constant
         self.spatial_dims = None if spatial_dims is None else int(spatial_dims)
+        self.resample = bool(resample)
 
     def _read(self, path) -> MetaTensor:
         if isinstance(path, torch.Tensor | np.ndarray):
@@ -161,6 +177,11 @@ class LoadFusionPaird(MapTransform):
             raise FusionDataError(f"{p}: file not found.")
         if p.is_file() and p.stat().st_size == 0:
             raise FusionDataError(f"{p}: file is empty (0 bytes).")
+        if p.is_dir():
+            from scripts.volumes import is_dicom_series
+
+            if not is_dicom_series(p):
+                raise FusionDataError(f"{p}: a folder is read as one DICOM series, but it holds no DICOM files.")
         try:
             return self.loader(str(p))
         except Exception as e:  # every reader fails differently on corrupt or non-image files
@@ -214,6 +235,19 @@ class LoadFusionPaird(MapTransform):
                 "arithmetic; rescale the image."
             )
 
+    def _on_grid_of(self, img: MetaTensor, ref: MetaTensor, path, d: dict) -> MetaTensor:
+        """``img`` resampled onto ``ref``'s voxel grid when both have a world geometry that differs."""
+        from scripts.volumes import grids_differ, has_geometry, resample_to_reference
+
+        volumes = img.ndim == ref.ndim == 4 and min(img.shape[1:]) > 1 and min(ref.shape[1:]) > 1
+        if not (self.resample and self.spatial_dims != 2 and volumes and has_geometry(img) and has_geometry(ref)):
+            return img  # 2D images (one-slice NIfTI/DICOM included) are fused pixel by pixel, as before
+        d[f"{self.keys[1]}_resampled"] = grids_differ(img, ref)
+        if not d[f"{self.keys[1]}_resampled"]:
+            return img
+        self._check_finite(img, path)  # NaN/Inf would spread through the interpolation: name the file first
+        return resample_to_reference(img, ref)
+
     def _check_values(self, img: torch.Tensor, path) -> None:
         finite = torch.isfinite(img)
         if not bool(finite.all()):
@@ -247,6 +281,7 @@ class LoadFusionPaird(MapTransform):
         else:
             raise FusionDataError(f"a pair needs '{key_a}' and '{key_b}' (or '{self.image_key}'); got {sorted(d)}.")
 
+        images[1] = self._on_grid_of(images[1], images[0], paths[1], d)
         for key, path, img in zip(self.keys, paths, images):
             img = self._match_dims(img, path)
             self._check_finite(img, path)
@@ -298,12 +333,24 @@ class MergeColourd(MapTransform):
         return d
 
 
+def _nifti_codes(meta: Mapping) -> tuple[int, int]:
+    """(qform, sform) codes for a fused NIfTI: the source NIfTI's (one set code used for both when only one is set),
+    else 1 ('scanner': DICOM patient coordinates)."""
+    try:
+        q, s = int(meta.get("qform_code", 0) or 0), int(meta.get("sform_code", 0) or 0)
+    except (TypeError, ValueError):
+        q, s = 0, 0
+    q, s = q or s or 1, s or q or 1
+    return q, s
+
+
 class SaveFusedd(MapTransform):
     """Write the fused grey (and colour) image of one pair, atomically, next to nothing of the inputs.
 
     PNG/JPEG/BMP/TIFF inputs give ``<output_dir>/<name>_fused.png`` (8-bit grey) and ``<name>_fused_rgb.png``;
-    NIfTI/DICOM/other inputs give ``<name>_fused.nii.gz`` on the geometry (affine) of ``source_a`` and, for a
-    2D colour result, ``<name>_fused_rgb.png``. ``name`` comes from the datalist item (sanitised so it cannot leave
+    NIfTI/DICOM/other inputs give ``<name>_fused.nii.gz`` on the geometry (affine) of ``source_a`` (its voxel grid,
+    spacing and orientation; sform and qform both set, with the source NIfTI's codes) and, for a 2D colour result,
+    ``<name>_fused_rgb.png``. ``name`` comes from the datalist item (sanitised so it cannot leave
     ``output_dir``), else from the ``source_a`` file name. Raises if an output would replace an input file.
     """
 
@@ -334,10 +381,12 @@ class SaveFusedd(MapTransform):
         ext = self.output_ext or fio.output_extension(src)
         inputs = [m.get("filename_or_obj") for m in (getattr(d.get(k), "meta", {}) for k in SOURCE_KEYS)]
         written = []
+        codes = _nifti_codes(meta)
         for key in self.key_iterator(d):
             grey = torch.as_tensor(d[key]).detach().float().cpu().clamp(0, 1)
             affine = getattr(ref, "affine", None)
-            written.append(fio.write_image(grey, self.output_dir / f"{name}_fused{ext}", affine, protect=inputs))
+            written.append(fio.write_image(grey, self.output_dir / f"{name}_fused{ext}", affine, protect=inputs,
+                                           nifti_codes=codes))
             if self.rgb_key and self.rgb_key in d and grey.ndim == 3:
                 rgb = torch.as_tensor(d[self.rgb_key]).detach().float().cpu()
                 written.append(fio.write_image(rgb, self.output_dir / f"{name}_fused_rgb.png", None, protect=inputs))

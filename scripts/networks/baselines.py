@@ -13,7 +13,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["AverageFusion", "MaxFusion", "LaplacianPyramidFusion", "GuidedFilterFusion"]
 
@@ -60,11 +59,17 @@ class MaxFusion(_Baseline):
 
 # ------------------------------------------------------------------------------------------ helpers
 def _conv_axis(x: torch.Tensor, k: list, dim: int) -> torch.Tensor:
-    """'valid' correlation with the 1-D kernel k along spatial ``dim`` (x is (N,1,*S))."""
-    shape = [1, 1] + [1] * (x.dim() - 2)
-    shape[dim] = len(k)
-    w = torch.tensor(k, dtype=x.dtype, device=x.device).view(shape)
-    return (F.conv2d if x.dim() == 4 else F.conv3d)(x, w)
+    """'valid' correlation with the 1-D kernel k along spatial ``dim`` (x is (N,1,*S)), as shift-and-add of
+    ``len(k)`` slices (zero taps skipped): faster than a float64 convolution on CPU, and exportable to ONNX in
+    float64 (onnxruntime has no float64 Conv)."""
+    n = x.shape[dim] - len(k) + 1
+    out = None
+    for i, w in enumerate(k):
+        if w == 0:
+            continue
+        term = x.narrow(dim, i, n) * w
+        out = term if out is None else out + term
+    return out if out is not None else x.narrow(dim, 0, n) * 0
 
 
 def _pad_axis(x: torch.Tensor, dim: int, lo: int, hi: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from .blocks import conv_nd
+from .blocks import conv_nd, fold_bn, set_fast
 
 __all__ = [
     "MsgFusion",
@@ -165,10 +165,55 @@ class ConvBlock(nn.Module):
         self.norms = nn.ModuleList(_batch_norm(spatial_dims, out_ch) for _ in range(1 if share_norm else sites))
         self.sites = sites
 
-    def forward(self, x: torch.Tensor, site: int = 0) -> torch.Tensor:
+        self.fast = True
+
+    def _norm(self, site: int) -> nn.Module:
         if not 0 <= site < self.sites:
             raise IndexError(f"site {site} out of range for a block with {self.sites} call sites")
-        return torch.relu(self.norms[min(site, len(self.norms) - 1)](self.conv(x)))
+        return self.norms[min(site, len(self.norms) - 1)]
+
+    def plain(self, x: torch.Tensor, site: int = 0) -> torch.Tensor:
+        """The reference computation (conv, BatchNorm, ReLU), whatever ``fast`` says."""
+        return torch.relu(self._norm(site)(self.conv(x)))
+
+    def forward(self, x: torch.Tensor, site: int = 0) -> torch.Tensor:
+        norm = self._norm(site)
+        if self.fast and not norm.training:  # BatchNorm folded into the conv
+            w, b = fold_bn(norm, self.conv.weight, None)
+            return torch.relu_(self.conv._conv_forward(x, w, b))
+        return torch.relu(norm(self.conv(x)))
+
+    def forward_upsampled(self, v: torch.Tensor, size, site: int = 0) -> torch.Tensor:
+        """``forward(up2(v)[crop to size], site)`` without building the x2 nearest-upsampled input.
+
+        A 3x3 conv (replicate padding) of a nearest-upsampled map is, on each of the ``2^d`` output phases, a 2x2
+        conv of the low-resolution map whose taps are sums of the 3x3 taps (per axis: phase 0 reads offsets
+        (-1, 0) with weights (k[-1], k[0] + k[1]), phase 1 offsets (0, +1) with (k[-1] + k[0], k[1])); replicate
+        padding of ``v`` by one is exactly the replicate padding of the upsampled map, odd ``size`` included. Same
+        values (float rounding) with 4/9 of the multiply-adds, at a quarter of the pixels in 2D.
+        """
+        norm = self._norm(site)
+        nd = v.ndim - 2
+        w, b = self.conv.weight, None
+        if not norm.training:
+            w, b = fold_bn(norm, w, None)
+        taps = w.new_tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (phase, 2, 3)
+        vp = F.pad(v, (1, 1) * nd, mode="replicate")
+        low = v.shape[2:]
+        conv = F.conv2d if nd == 2 else F.conv3d
+        phases = []
+        for index in range(2 ** nd):
+            ph = [(index >> (nd - 1 - a)) & 1 for a in range(nd)]  # phase per axis, last axis fastest
+            k = w
+            for a, p in enumerate(ph):  # combine the taps of spatial axis a
+                k = torch.tensordot(k, taps[p], dims=([2 + a], [1])).movedim(-1, 2 + a)
+            view = vp[(..., *(slice(p, p + int(n) + 1) for p, n in zip(ph, low)))]
+            phases.append(conv(view, k, b))
+        out = torch.stack(phases, -1).view(*phases[0].shape, *([2] * nd))  # (N, O, *low, *phase)
+        order = [0, 1] + [i for a in range(nd) for i in (2 + a, 2 + nd + a)]
+        out = out.permute(order).reshape(*out.shape[:2], *[2 * n for n in low])
+        out = out[(..., *(slice(0, int(s)) for s in size))]
+        return torch.relu(out if not norm.training else norm(out))
 
 
 # --------------------------------------------------------------------------------------------- SF branch
@@ -194,8 +239,11 @@ class FourierUnit(nn.Module):
 
         self.amplitude = mlp(bias=False)
         self.phase = mlp(bias=True)
+        self.export_mode = False  # True (scripts/export.py, ONNX): real DFT matrices instead of complex FFTs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_mode:
+            return self._forward_real_dft(x)
         dims = tuple(range(2, x.ndim))
         size = x.shape[2:]
         with torch.autocast(device_type=x.device.type, enabled=False):  # FFTs and spectra in float32 under AMP
@@ -205,6 +253,50 @@ class FourierUnit(nn.Module):
             z = torch.complex(amp * torch.cos(pha), amp * torch.sin(pha))
             out = torch.fft.irfftn(z, s=size, dim=dims, norm="ortho")
         return out.to(x.dtype)
+
+
+    def _forward_real_dft(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the orthonormal ``rfftn`` / ``irfftn`` written as products with real cosine / sine
+        matrices of the input size (real and imaginary parts carried separately): for exporters without complex
+        tensors (ONNX). Same values within float rounding; O(S) more multiply-adds than an FFT."""
+        x = x.float()
+        spatial = [int(s) for s in x.shape[2:]]
+        w = spatial[-1]
+        half = w // 2 + 1
+        kw = torch.arange(half, dtype=torch.float64)
+        ang = 2 * torch.pi * torch.arange(w, dtype=torch.float64)[:, None] * kw[None] / w  # (W, half)
+        cw, sw = (torch.cos(ang) / w**0.5).float(), (torch.sin(ang) / w**0.5).float()
+        re, im = x @ cw, -(x @ sw)  # rfft along the last axis
+        mats = []
+        for axis, n in enumerate(spatial[:-1]):  # complex DFT along every other spatial axis
+            k = torch.arange(n, dtype=torch.float64)
+            a = 2 * torch.pi * k[:, None] * k[None] / n
+            c, s_ = (torch.cos(a) / n**0.5).float(), (torch.sin(a) / n**0.5).float()
+            mats.append((c, s_))
+            dim = 2 + axis
+            re_m, im_m = re.movedim(dim, -1), im.movedim(dim, -1)
+            re, im = (re_m @ c + im_m @ s_).movedim(-1, dim), (im_m @ c - re_m @ s_).movedim(-1, dim)
+        # self-conjugate bins (index 0 or n/2 on every axis) are real: the FFT returns +0.0 as their imaginary part,
+        # so their phase is exactly 0 or +pi; the matrix products leave +-1e-8 there, and atan2 jumps to -pi
+        real_bin = torch.ones((), dtype=torch.bool)
+        for axis, n in enumerate(spatial[:-1] + [w]):
+            idx = torch.arange(half if axis == len(spatial) - 1 else n)
+            flag = (idx == 0) | ((idx * 2 == n) & (n % 2 == 0))
+            real_bin = real_bin & flag.view(*([1] * axis), -1, *([1] * (len(spatial) - 1 - axis)))
+        im = torch.where(real_bin, torch.zeros((), dtype=im.dtype), im)
+        amp = self.amplitude(torch.sqrt(re * re + im * im))
+        pha = self.phase(torch.atan2(im, re))
+        re, im = amp * torch.cos(pha), amp * torch.sin(pha)
+        for axis, (c, s_) in enumerate(mats):  # inverse complex DFTs
+            dim = 2 + axis
+            re_m, im_m = re.movedim(dim, -1), im.movedim(dim, -1)
+            re, im = (re_m @ c - im_m @ s_).movedim(-1, dim), (im_m @ c + re_m @ s_).movedim(-1, dim)
+        weight = torch.full((half,), 2.0, dtype=torch.float64)  # Hermitian half-spectrum: interior bins count twice
+        weight[0] = 1.0
+        if w % 2 == 0:
+            weight[-1] = 1.0
+        icw, isw = (cw.double().t() * weight[:, None]).float(), (sw.double().t() * weight[:, None]).float()
+        return re @ icw - im @ isw  # C2R along the last axis (imaginary parts of DC / Nyquist drop out)
 
 
 class MsgFusionSFBranch(nn.Module):
@@ -230,7 +322,9 @@ class MsgFusionSFBranch(nn.Module):
 
     def forward(self, mri: torch.Tensor, return_parts: bool = False):
         sf1 = self.spatial_features(mri, 0)
-        pre = self.pre(mri)
+        # always the plain conv + BN here: the Fourier unit's phases are discontinuous at (near-)zero spectral
+        # coefficients, so a 1-ulp change of these features (e.g. a folded BatchNorm) can move SF2 by ~1e-3
+        pre = self.pre.plain(mri)
         sf2 = pre + self.fourier(pre) if self.fourier is not None else pre
         sf = weighted_map_fusion(sf2, sf1)
         return (sf, sf1, sf2) if return_parts else sf
@@ -267,12 +361,17 @@ class MsgFusionGVBranch(nn.Module):
         for name, (i, o) in chans.items():
             self.add_module(name, ConvBlock(spatial_dims, i, o, self.SITES[name], share_norm))
 
+        self.fast = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c1 = self.stem(x)
         size = c1.shape[2:]
         p = self.pool(c1)
         a2 = self.k2(p, 0)
-        a7 = self.k7(torch.cat([_upsample2_to(t, size) for t in (self.k3(a2, 0), p, a2)], 1))
+        if self.fast:  # K7 of the upsampled maps, computed at half resolution (ConvBlock.forward_upsampled)
+            a7 = self.k7.forward_upsampled(torch.cat([self.k3(a2, 0), p, a2], 1), size)
+        else:
+            a7 = self.k7(torch.cat([_upsample2_to(t, size) for t in (self.k3(a2, 0), p, a2)], 1))
         d2 = self.k2(c1, 1)
         m = self.k5(torch.maximum(a7, self.k4(self.k3(d2, 1), 0)), 0)
         t = self.k9(self.k8(a7), 0)
@@ -335,6 +434,10 @@ class MsgFusion(nn.Module):
             ResNet state dict with ``conv1.weight``, or the tensor itself) for the GV stem; it is summed over RGB
             (the grey image replicated to 3 channels) and frozen, as the public code freezes its ImageNet stem.
             Nothing is downloaded; ``None`` (default) trains the stem from scratch.
+        fast: ``True`` (default): the optimised forward (eval-mode BatchNorms folded into the convs; the GV
+            cascade's K7, which reads three nearest-upsampled maps, computed at half resolution with 2x2 polyphase
+            kernels: 4/9 of its multiply-adds); ``False``: the plain forward. Same parameters and outputs (float
+            rounding, < 1e-5); ``scripts/benchmark.py`` times both; switch later with :func:`~.blocks.set_fast`.
 
     Forward ``forward(x, mode="fuse")``:
         - ``x``: ``(B, 2, *spatial)`` in [0, 1], channel 0 = MRI, channel 1 = CT / PET-Y / SPECT-Y; any size, odd
@@ -359,6 +462,7 @@ class MsgFusion(nn.Module):
         classifier_hidden: int = 32,
         share_norm: bool = False,
         stem_weights: str | os.PathLike | None = None,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -382,6 +486,8 @@ class MsgFusion(nn.Module):
         self._init_weights()
         if stem_weights is not None:
             self.load_stem(stem_weights)
+        self.fast = fast
+        set_fast(self, fast)
 
     def _init_weights(self) -> None:
         """He (fan-out) normal init of the GV convs, the pre-FFT conv and the decoder, as the public code does for

@@ -1,0 +1,64 @@
+"""Smoke test of scripts/benchmark.py (``--quick``): every section runs and the JSON report holds what the README
+promises. Timings themselves are not checked (shared machine)."""
+
+import json
+
+import pytest
+import torch
+
+from scripts import benchmark
+from scripts.methods import available_methods
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+    from scripts.networks.blocks import tune_cpu_allocator
+
+    tune_cpu_allocator(False)
+
+
+def test_registry_matches_method_configs():
+    methods = set(available_methods(benchmark.ROOT))
+    assert {e.method for e in benchmark.REGISTRY.values()} <= methods
+    for key, (seconds, source) in benchmark.OFFICIAL_LATENCY_S.items():
+        assert seconds > 0 and "../shared/parity/" in source and key in source
+
+
+def test_quick_run_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = benchmark.main(["--quick", "--methods", "dran", "msgfusion", "average", "--sizes", "32", "8x8x8",
+                             "--threads", "1", "--device", "cpu", "--no-data", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| method | size | device |" in printed and "GFLOP/s" in printed
+    saved = json.loads(out.read_text())
+    assert saved["environment"]["threads"] == 1 and saved["environment"]["peak_gflops"]["cpu"]["peak"] > 0
+    rows = {(r["name"], r["size"]): r for r in report["results"]}
+    assert set(rows) == {(m, s) for m in ("dran", "msgfusion", "average") for s in ("32x32", "8x8x8")}
+    for (name, size), r in rows.items():
+        assert "error" not in r, r
+        assert {"reference", "reference+alloc", "optimised"} <= set(r["latency_s"])
+        assert all(v > 0 for v in r["latency_s"].values())
+        assert r["best_pairs_per_s"] > 0 and set(r["peak_mib"]) == {"reference", "optimised"}
+        assert r["load_before"] == r["load_before"]  # a number (not nan) on Linux
+    dran = rows[("dran", "32x32")]
+    assert dran["has_reference_path"] and dran["params"] == 414_081
+    assert dran["gmac_optimised"] < 0.6 * dran["gmac_reference"]  # the basis trick halves DRAN's convolutions
+    assert dran["train"]["iters_per_s"]["optimised"] > 0 and "train" not in rows[("dran", "8x8x8")]
+    assert not rows[("average", "32x32")]["has_reference_path"] and "train" not in rows[("average", "32x32")]
+
+
+def test_official_ratio_and_data_check(tmp_path, monkeypatch, aanlib_dir):
+    """The ratio to the official latency is reported for 256x256 CPU runs with 2 threads; the loader check runs."""
+    monkeypatch.setitem(benchmark.OFFICIAL_LATENCY_S, "max", (0.5, "../shared/parity/max (test entry)"))
+    report = benchmark.main(["--quick", "--methods", "max", "msgfusion", "--sizes", "256", "--threads", "2",
+                             "--device", "cpu", "--data", "--data-dir", str(aanlib_dir)])
+    row = next(r for r in report["results"] if r["name"] == "max")
+    assert row["official_s"] == 0.5
+    assert row["optimised_over_official"] == pytest.approx(row["latency_s"]["optimised"] / 0.5)
+    msg = next(r for r in report["results"] if r["name"] == "msgfusion")
+    assert msg["paper_s"] == 2.0 and "official_s" not in msg
+    assert {d["num_workers"] for d in report["data"]} == {0, 2}
+    assert all(d["batches_per_s"] > 0 and d["method"] == "msgfusion" for d in report["data"])
