@@ -42,6 +42,9 @@ class FusionInferer(Inferer):
         self.mode = mode
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        # networks get plain tensors: slicing a collated MetaTensor inside a network trips over its batch metadata
+        if hasattr(inputs, "as_tensor"):
+            inputs = inputs.as_tensor()
         return network(inputs, *args, mode=self.mode, **kwargs)
 
 

@@ -148,7 +148,7 @@ def test_segmentation_config_writes_one_row_per_input(lesions, fused_average, tm
     results = tmp_path / "results"
     runs = [("mri", None), ("functional", None), ("both", None), ("fused", "fused:average")]
     for inp, name in runs:
-        _run("run", "downstream_segmentation.json", dataset_dir=str(lesions), input=inp, input_name=name or inp,
+        _run(None, "downstream_segmentation.json", dataset_dir=str(lesions), input=inp, input_name=name or inp,
              fused_dir=str(fused_average) if name else None, epochs=1, batch_size=4, results_dir=str(results),
              output_dir=str(tmp_path / inp))
         assert (tmp_path / inp / "model.pt").is_file()
@@ -163,9 +163,9 @@ def test_segmentation_config_writes_one_row_per_input(lesions, fused_average, tm
     assert md[0].startswith("| input | pair | seeds |") and len([ln for ln in md if ln.startswith("| fused:")]) == 1
     assert len([ln for ln in md if ln.startswith("| ")]) == 1 + 4
     # a rerun of one input replaces its row; another seed adds one, and the table shows mean ± std over seeds
-    _run("run", "downstream_segmentation.json", dataset_dir=str(lesions), input="mri", epochs=1, batch_size=4,
+    _run(None, "downstream_segmentation.json", dataset_dir=str(lesions), input="mri", epochs=1, batch_size=4,
          results_dir=str(results), output_dir=str(tmp_path / "mri_again"))
-    _run("run", "downstream_segmentation.json", dataset_dir=str(lesions), input="mri", epochs=1, batch_size=4,
+    _run(None, "downstream_segmentation.json", dataset_dir=str(lesions), input="mri", epochs=1, batch_size=4,
          seed=1, results_dir=str(results), output_dir=str(tmp_path / "mri_seed1"))
     rows = _rows(results / "segmentation.csv")
     assert [(r["input"], r["seed"]) for r in rows][:2] == [("mri", "0"), ("mri", "1")] and len(rows) == 5
@@ -175,7 +175,7 @@ def test_segmentation_config_writes_one_row_per_input(lesions, fused_average, tm
 def test_classification_config_reports_accuracy_and_auc(lesions, fused_average, tmp_path):
     results = tmp_path / "results"
     for inp, name in (("functional", None), ("fused", "fused:average")):
-        _run("run", "downstream_classification.json", dataset_dir=str(lesions), input=inp, input_name=name or inp,
+        _run(None, "downstream_classification.json", dataset_dir=str(lesions), input=inp, input_name=name or inp,
              fused_dir=str(fused_average) if name else None, epochs=1, batch_size=4, results_dir=str(results),
              output_dir=str(tmp_path / inp))
     rows = _rows(results / "classification.csv")
