@@ -34,13 +34,12 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +50,12 @@ from monai.transforms import LoadImage, MapTransform
 
 __all__ = [
     "DOWNSTREAM_PHANTOM", "INPUTS", "default_dataset", "subject_split", "build_datalists", "fused_file",
-    "LoadDownstreamd", "PooledDiceMetric", "oversample_lesions", "SliceDiceMetric", "EmptySliceFPMetric", "BinaryClassificationMetric",
-    "positive_weight", "input_channels", "record", "main",
+    "oversample_lesions", "LoadDownstreamd", "PooledDiceMetric", "SliceDiceMetric", "EmptySliceFPMetric",
+    "BinaryClassificationMetric", "roc_auc", "positive_weight", "input_channels", "record", "result_row", "main",
 ]
 
-# the embedded phantom, larger: 24 subjects (0-2 lesions each) x 16 axial slices of 128 x 128, another seed than the
-# fusion networks' training data (data/phantom, seed 0)
+# the embedded phantom, larger: 24 subjects (0-2 lesions each) x 16 axial slices of 128 x 128, another seed
+# than the fusion networks' training data (data/phantom, seed 0)
 DOWNSTREAM_PHANTOM = {"seed": 1, "n_subjects": 24, "slices_per_subject": 16, "size_2d": 128}
 INPUTS = ("mri", "functional", "both", "fused")
 SPLITS = ("training", "validation", "testing")

@@ -205,8 +205,9 @@ class ConvBlock(nn.Module):
         for index in range(2 ** nd):
             ph = [(index >> (nd - 1 - a)) & 1 for a in range(nd)]  # phase per axis, last axis fastest
             k = w
-            for a, p in enumerate(ph):  # combine the taps of spatial axis a
-                k = torch.tensordot(k, taps[p], dims=([2 + a], [1])).movedim(-1, 2 + a)
+            with torch.autocast(device_type=w.device.type, enabled=False):  # kernel algebra in the weights' dtype
+                for a, p in enumerate(ph):  # combine the taps of spatial axis a
+                    k = torch.tensordot(k, taps[p], dims=([2 + a], [1])).movedim(-1, 2 + a)
             view = vp[(..., *(slice(p, p + int(n) + 1) for p, n in zip(ph, low)))]
             phases.append(conv(view, k, b))
         out = torch.stack(phases, -1).view(*phases[0].shape, *([2] * nd))  # (N, O, *low, *phase)
@@ -368,7 +369,8 @@ class MsgFusionGVBranch(nn.Module):
         size = c1.shape[2:]
         p = self.pool(c1)
         a2 = self.k2(p, 0)
-        if self.fast:  # K7 of the upsampled maps, computed at half resolution (ConvBlock.forward_upsampled)
+        if self.fast and x.ndim == 4:  # K7 of the upsampled maps at half resolution (ConvBlock.forward_upsampled;
+            # in 3D oneDNN's 2x2x2 convs are no faster than the 3x3x3 one, measured)
             a7 = self.k7.forward_upsampled(torch.cat([self.k3(a2, 0), p, a2], 1), size)
         else:
             a7 = self.k7(torch.cat([_upsample2_to(t, size) for t in (self.k3(a2, 0), p, a2)], 1))
@@ -436,7 +438,7 @@ class MsgFusion(nn.Module):
             Nothing is downloaded; ``None`` (default) trains the stem from scratch.
         fast: ``True`` (default): the optimised forward (eval-mode BatchNorms folded into the convs; the GV
             cascade's K7, which reads three nearest-upsampled maps, computed at half resolution with 2x2 polyphase
-            kernels: 4/9 of its multiply-adds); ``False``: the plain forward. Same parameters and outputs (float
+            kernels in 2D: 4/9 of its multiply-adds); ``False``: the plain forward. Same parameters and outputs (float
             rounding, < 1e-5); ``scripts/benchmark.py`` times both; switch later with :func:`~.blocks.set_fast`.
 
     Forward ``forward(x, mode="fuse")``:
