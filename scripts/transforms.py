@@ -207,8 +207,12 @@ class LoadFusionPaird(MapTransform):
     def _match_dims(self, img: MetaTensor, path) -> MetaTensor:
         if self.spatial_dims is None:
             return img
+        squeezed = False
         while img.ndim - 1 > self.spatial_dims and img.shape[-1] == 1:
-            img = img[..., 0]
+            img, squeezed = img[..., 0], True
+        if squeezed and isinstance(img, MetaTensor):
+            # MONAI Label's Restored resizes the prediction to meta["spatial_shape"]: keep it the squeezed shape
+            img.meta["spatial_shape"] = np.asarray(img.shape[1:])
         if img.ndim - 1 != self.spatial_dims:
             raise FusionDataError(
                 f"{_describe(path)}: {img.ndim - 1}D image of size {tuple(img.shape[1:])} in a {self.spatial_dims}D "
