@@ -52,6 +52,18 @@ def in_validation_split(name: str, fraction: float = 0.2) -> bool:
     return zlib.crc32(str(name).encode("utf-8")) % 1000 < round(fraction * 1000)
 
 
+def read_split_file(path: str | os.PathLike) -> set[str]:
+    """The validation pair names of a split file ``{"validation": ["CT-MRI_003", ...]}``."""
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")).get("validation")
+    except (OSError, ValueError, AttributeError) as e:
+        raise FusionDataError(f"{path}: cannot read the split file ({type(e).__name__}: {e}).") from e
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise FusionDataError(f'{path}: a split file needs a non-empty "validation" list of pair names.')
+    return set(names)
+
+
 def _stem(path: Path) -> str:
     name = path.name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
@@ -241,6 +253,7 @@ def build_datalist(
     val_fraction: float = 0.2,
     check: bool = True,
     skip_bad: bool = False,
+    split_file: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Read ``dataset_dir`` into a list of fusion-pair dicts.
 
@@ -258,6 +271,9 @@ def build_datalist(
             channel count, NaN/Inf, constant, size mismatch) before any training or inference starts.
         skip_bad: instead of raising, return a pair that cannot be used (no partner; with ``check``, any problem
             above) as an item with a ``fusion_error`` message; batch inference logs and skips such items.
+        split_file: a JSON file ``{"validation": [pair names]}`` that fixes the hold-out instead of the name hash
+            (``configs/aanlib_split.json``: the split of the shipped weights' model card); the other pairs are
+            the training split.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -278,7 +294,17 @@ def build_datalist(
     if pairs:
         wanted = {p.upper() for p in pairs}
         items = [it for it in items if str(it.get("pair", "")).upper() in wanted]
-    if not has_split and split != "all":
+    if split_file and split != "all":
+        held_out = read_split_file(split_file)
+        known = {it["name"] for it in items}
+        if not held_out & known:
+            raise FusionDataError(
+                f"{split_file}: none of its {len(held_out)} validation pair names (e.g. {sorted(held_out)[0]!r}) "
+                f"is a pair of {dataset_dir} (names like {sorted(known)[0]!r}): wrong split file for this dataset?"
+            )
+        keep_val = split in ("validation", "testing")
+        items = [it for it in items if (it["name"] in held_out) == keep_val]
+    elif not has_split and split != "all":
         keep_val = split in ("validation", "testing")
         items = [it for it in items if in_validation_split(it["name"], val_fraction) == keep_val]
     if not items:

@@ -309,6 +309,10 @@ class BSAFusionLoss(nn.Module):
     - ``reg`` = (1-SSIM(I_m*, W)) + |I_m* - W|: supervised alignment to the ground truth;
     - ``mi`` (weight 0 by default) = MONAI :class:`~monai.losses.GlobalMutualInformationLoss` between ``I_f``
       and ``W``, for data without a ground truth (then set ``reg_weight`` to 0).
+
+    2D or 3D (from the input, for the 3D network ``BSAFusion(spatial_dims=3)``): 3D SSIM (11^3 Gaussian window,
+    volumes need >= 11 voxels per side), 3 Sobel directions in ``G``, DiffusionLoss over 3-component fields
+    (same /3 and level weights).
     """
 
     OFFICIAL_SMOOTH = (1e-4, 1.1e-3, 1.1e-2, 0.11, 1.1, 1.0, 0.0, 0.0, 0.0, 0.0)
@@ -327,13 +331,14 @@ class BSAFusionLoss(nn.Module):
         self.level_weights = self.OFFICIAL_SMOOTH if smooth_schedule == "official" else self.INTENDED_SMOOTH
         self.adaptive_lambda = adaptive_lambda
         self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
+        self.ssim3d = SSIMLoss(spatial_dims=3, data_range=1.0)  # no parameters or buffers: state dict unchanged
         self.diffusion = DiffusionLoss()
         self.mi = GlobalMutualInformationLoss() if mi_weight else None
         self.register_buffer("fusion_lambda", torch.tensor(1.0))
         self.register_buffer("_sums", torch.zeros(2, dtype=torch.float64))  # epoch sums of S(F, W), S(F, I_f)
 
     def _ssim(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.ssim(x, y)  # MONAI SSIMLoss = 1 - SSIM, batch mean
+        return (self.ssim if x.ndim == 4 else self.ssim3d)(x, y)  # MONAI SSIMLoss = 1 - SSIM, batch mean
 
     def smoothness(self, field: torch.Tensor) -> torch.Tensor:
         if min(field.shape[2:]) <= 2:  # DiffusionLoss needs > 2 px per side (tiny crops' coarsest level)
@@ -346,8 +351,9 @@ class BSAFusionLoss(nn.Module):
         if not isinstance(pred, dict) or "warped_border" not in pred:
             raise ValueError("BSAFusionLoss needs the network's mode='train' output (a dict with the fields, "
                              "logits and warped moving image); train with scripts.engine.FusionInferer(mode='train').")
-        if target.ndim != 4 or target.shape[1] < 2:
-            raise ValueError(f"target must be (B, 2, H, W) [fixed, aligned moving], got {tuple(target.shape)}")
+        if target.ndim not in (4, 5) or target.shape[1] < 2 or target.ndim != pred["fused"].ndim:
+            raise ValueError(f"target must be (B, 2, H, W) or (B, 2, D, H, W) [fixed, aligned moving] like the "
+                             f"prediction, got {tuple(target.shape)}")
         fused, warped = pred["fused"].float(), pred["warped_border"].float()
         fixed, truth = target[:, :1].float(), target[:, 1:2].float()
         n = fused.shape[0]

@@ -49,14 +49,18 @@ def build_list(components) -> list:
     return [build(c) for c in components or []]
 
 
-def default_checkpoint(bundle_root, method: str, output_dir=None) -> str | None:
-    """Weights to use when none are given: ``models/<method>.pt`` (shipped), else the training run's ``model.pt``.
+def default_checkpoint(bundle_root, method: str, output_dir=None, pairs=None) -> str | None:
+    """Weights to use when none are given: the shipped ``models/<method>_<pair>.pt`` when ``pairs`` names one
+    modality pair (e.g. ``["CT-MRI"]``) and that file exists, else the shipped all-pairs ``models/<method>.pt``,
+    else the training run's ``model.pt``.
 
     Returns ``None`` for methods without weights (baselines); raises a clear error for a trainable method with none.
     """
     if not load_method_config(bundle_root, method)["trainable"]:
         return None
-    candidates = [Path(bundle_root) / "models" / f"{method}.pt"]
+    models = Path(bundle_root) / "models"
+    candidates = [models / f"{method}_{pairs[0]}.pt"] if pairs and len(pairs) == 1 else []
+    candidates.append(models / f"{method}.pt")
     run_dir = Path(output_dir) if output_dir else Path(bundle_root) / "runs" / method
     candidates += [run_dir / "model.pt", run_dir / "model_final.pt"]
     for c in candidates:

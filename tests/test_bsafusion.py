@@ -23,6 +23,9 @@ from scripts.registration import (RandMisalignd, SaveRegistrationd, SplitRegistr
 
 SMALL = dict(hidden_size=32, num_heads=2, pos_size=32, reg_channels=(32, 16, 8, 8, 4, 1),
              fusion_channels=(16, 8, 8, 4), shallow_channels=4)
+# tiny 3D network: patch 4 (3 registration levels, 2 fusion stages), 3D token table over (16 / 4)^3 tokens
+SMALL3 = dict(hidden_size=16, num_heads=2, pos_size=16, reg_channels=(16, 8, 4, 1), fusion_channels=(8, 4),
+              shallow_channels=4)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +93,14 @@ def test_bad_inputs_and_arguments_raise(small_net):
         small_net(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="mode"):
         small_net(torch.rand(1, 2, 32, 32), mode="nope")
-    with pytest.raises(ValueError, match="2D"):
-        BSAFusion(spatial_dims=3)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        BSAFusion(spatial_dims=4)
     with pytest.raises(ValueError, match="patch_size"):
         BSAFusion(patch_size=8)
+    with pytest.raises(ValueError, match="fusion_channels"):
+        BSAFusion(fusion_channels=(16, 8, 4))
+    with pytest.raises(ValueError, match=r"\(B, 2, D, H, W\)"):
+        BSAFusion(spatial_dims=3, **SMALL3)(torch.rand(1, 2, 8, 8))
 
 
 def test_default_parameter_count_matches_official_minus_dead_tensors():
@@ -219,7 +226,7 @@ def test_misalignment_is_reproducible_and_optional():
     off = RandMisalignd(prob=0.0)({"image": x})
     assert torch.equal(off["image"], x) and float(off["ddf_gt"].abs().max()) == 0.0
     with pytest.raises(ValueError, match="2D"):
-        RandMisalignd()({"image": torch.rand(2, 8, 8, 8)})
+        RandMisalignd()({"image": torch.rand(2, 4, 4, 4, 4)})
 
 
 def test_misalignment_affine_rotation_about_centre():
@@ -360,3 +367,176 @@ def test_registration_path_learns_a_known_translation():
     after = float((out["aligned"][0] - truth).abs()[inner].mean())
     assert after < 0.25 * before
     torch.testing.assert_close(out["ddf"][0][inner].mean((1, 2)), torch.tensor([-1.5, -1.5]), atol=0.4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ 3D
+def _smooth_volume(shape, a=(5.0, 7.0, 3.0), phase=0.0):
+    zz, yy, xx = torch.meshgrid(*(torch.linspace(0, 1, s) for s in shape), indexing="ij")
+    return (torch.sin(a[0] * xx + phase) * torch.cos(a[1] * yy) * torch.sin(a[2] * zz + 1) * 0.5 + 0.5)[None]
+
+
+def test_3d_network_every_mode_shapes_and_monai_order_ddf():
+    torch.manual_seed(0)
+    net = BSAFusion(spatial_dims=3, **SMALL3, zero_init_fields=False).eval()
+    assert net.spatial_dims == 3 and net.patch_size == 4
+    assert tuple(net.classifier.pos_table.shape) == (1, 16, 4, 4, 4)  # the learned 3D token table
+    x = torch.rand(2, 2, 10, 13, 9)  # not multiples of the patch: padded and cropped back
+    with torch.no_grad():
+        fused = net(x)
+        full = net(x, mode="full")
+        train = net(x, mode="train")
+    assert fused.shape == (2, 1, 10, 13, 9) and torch.isfinite(fused).all() and 0 < fused.min() < fused.max() < 1
+    assert torch.equal(full["fused"], fused)
+    assert full["ddf"].shape == (2, 3, 10, 13, 9) and full["aligned"].shape == (2, 1, 10, 13, 9)
+    assert full["logits_fixed"].shape == (2, 2) and "aligned_official" in full
+    assert all(torch.isfinite(v).all() for v in full.values())
+    assert float(full["ddf"].abs().max()) > 0.1
+    # the public ddf is MONAI order: Warp(moving, ddf) is the aligned output; flow is its (W, H, D) flip
+    from monai.networks.blocks import Warp
+
+    torch.testing.assert_close(full["aligned"], Warp("bilinear", "border")(x[:, 1:], full["ddf"]), atol=1e-5, rtol=0)
+    assert torch.equal(train["ddf"], train["flow"].flip(1))
+    assert [tuple(p.shape[1:]) for p in train["phis"][::2]] == [(3, 3, 4, 3), (3, 6, 8, 6), (3, 12, 16, 12)]
+    assert train["logits_disc_fixed"].shape == (2, 2)
+    # 3D defaults: CPU-sized widths, zero-initialised field heads (identity)
+    dflt = BSAFusion(spatial_dims=3).eval()
+    assert dflt.patch_size == 8 and dflt.classifier.pos_table.shape == (1, 64, 4, 4, 4)
+    with torch.no_grad():
+        out = dflt(torch.rand(1, 2, 16, 16, 16), mode="full")
+    assert out["ddf"].shape == (1, 3, 16, 16, 16) and float(out["ddf"].abs().max()) == 0.0
+
+
+def test_3d_field_warp_official_quirk_and_identity():
+    img = torch.rand(1, 2, 6, 7, 8)
+    zero = torch.zeros(1, 3, 6, 7, 8)
+    torch.testing.assert_close(FieldWarp(official=False)(img, zero), img, atol=1e-6, rtol=0)
+    flow = torch.randn(1, 3, 6, 7, 8)  # (W, H, D) order, grid_sample's
+    zs, ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), torch.arange(8.0), indexing="ij")
+    grid = torch.stack([2 * (xs + flow[0, 0]) / 7 - 1, 2 * (ys + flow[0, 1]) / 6 - 1,
+                        2 * (zs + flow[0, 2]) / 5 - 1], -1)[None]
+    expected = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    torch.testing.assert_close(FieldWarp(official=True)(img, flow), expected, atol=1e-5, rtol=0)
+
+
+def test_3d_loss_terms_and_backward():
+    torch.manual_seed(0)
+    net = BSAFusion(spatial_dims=3, **SMALL3, zero_init_fields=False).train()
+    loss = BSAFusionLoss()
+    x = torch.cat([_smooth_volume((16, 16, 16)), _smooth_volume((16, 16, 16), phase=1.0)])[None]
+    out = net(x, mode="train")
+    terms = loss.terms(out, x)
+    assert set(terms) == {"ce", "confusion", "smooth", "fusion", "reg"}
+    assert all(torch.isfinite(v) for v in terms.values()) and float(terms["smooth"]) > 0
+    loss(out, x).backward()
+    params = dict(net.named_parameters())
+    for name in ("registration.moving_steps.2.flow.weight", "registration.fixed_steps.0.flow.weight",
+                 "fusion.reconstruct.1.proj.weight", "classifier.pos_table", "encoder_shallow.proj.weight"):
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="target"):
+        loss.terms(out, x[..., 0])  # a 2D target for a 3D prediction
+
+
+def test_3d_misalignment_round_trip_and_statistics():
+    truth = _smooth_volume((24, 28, 20))
+    t = RandMisalignd(sigma=4.0, translate=1.5)
+    t.set_random_state(5)
+    d = t({"image": torch.cat([truth, truth])})
+    u = t.field((24, 28, 20))
+    assert d["ddf_gt"].shape == (3, 24, 28, 20) and torch.equal(d["image"][0], truth[0])
+    torch.testing.assert_close(d["image"][1:], warp(truth, u))  # the stored draw is the applied one
+    # the stored ground truth undoes the warp: warping the deformed volume by it gives back the original
+    before = float((d["image"][1:] - truth).abs()[:, 3:-3, 3:-3, 3:-3].mean())
+    after = float((warp(d["image"][1:], d["ddf_gt"]) - truth).abs()[:, 3:-3, 3:-3, 3:-3].mean())
+    assert before > 0.02 and after < before / 4
+    assert folding_fraction(d["ddf_gt"]) == 0.0
+    # the 3D gain keeps the 2D recipe's per-axis std of the elastic part (same sigma and magnitude)
+    t2, t3 = RandMisalignd(sigma=4.0, translate=0.0), RandMisalignd(sigma=4.0, translate=0.0)
+    t2.set_random_state(0), t3.set_random_state(0)
+    t2.randomize((96, 96)), t3.randomize((40, 40, 40))
+    ratio = float(t3.field((40, 40, 40)).std() / t2.field((96, 96)).std())
+    assert 0.75 < ratio < 1.33, ratio
+    # rotations about the centre: the centre stays, the mapping is volume-preserving
+    r = RandMisalignd(magnitude=0.0, translate=0.0, rotate=10.0)
+    r.set_random_state(1)
+    r.randomize((21, 21, 21))
+    v = r.field((21, 21, 21))
+    assert float(v[:, 10, 10, 10].abs().max()) < 1e-5 and float(v.abs().max()) > 1.0
+    torch.testing.assert_close(jacobian_determinant(v)[2:-2, 2:-2, 2:-2], torch.ones(17, 17, 17), atol=1e-4, rtol=0)
+    off = RandMisalignd(prob=0.0)({"image": torch.rand(2, 4, 5, 6)})
+    assert off["ddf_gt"].shape == (3, 4, 5, 6) and float(off["ddf_gt"].abs().max()) == 0.0
+
+
+def test_3d_jacobian_folding_and_scores():
+    shape = (10, 12, 8)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(float(s)) for s in shape), indexing="ij"))
+    centre = torch.tensor([(s - 1) / 2 for s in shape]).view(3, 1, 1, 1)
+    shift = torch.full((3, *shape), 2.0)
+    torch.testing.assert_close(jacobian_determinant(shift), torch.ones(shape))
+    torch.testing.assert_close(jacobian_determinant(shift[None])[0], torch.ones(shape))  # batched
+    torch.testing.assert_close(jacobian_determinant(0.1 * (grid - centre)), torch.full(shape, 1.1 ** 3))
+    mirror = torch.zeros(3, *shape)
+    mirror[1] = -2 * (grid[1] - centre[1])  # mirror axis 1: det = -1
+    assert folding_fraction(mirror) == 1.0 and folding_fraction(shift) == 0.0
+    torch.testing.assert_close(invert_ddf(shift), -shift)
+    truth = _smooth_volume((16, 16, 16))
+    moving = warp(truth, torch.full((3, 16, 16, 16), 1.0))
+    s = registration_scores(truth.clone(), truth, moving, ddf=torch.zeros(3, 16, 16, 16),
+                            ddf_truth=torch.ones(3, 16, 16, 16))
+    assert s["MAE"] == 0.0 and s["SSIM"] == pytest.approx(1.0, abs=1e-4) and s["MAE_before"] > 0.01
+    assert s["EPE"] == pytest.approx(math.sqrt(3)) and s["EPE_before"] == pytest.approx(math.sqrt(3))
+    assert s["folding"] == 0.0
+
+
+def test_3d_registration_path_learns_a_known_translation():
+    """The 3D gradient path: overfitting one volume pair whose moving volume is shifted by 1.5 voxels along every
+    axis recovers the inverse shift through MONAI Warp in 3D."""
+    torch.manual_seed(0)
+    net = BSAFusion(spatial_dims=3, **SMALL3)  # 3D default: zero-initialised field heads
+    loss = BSAFusionLoss(ce_weight=0, confusion_weight=0, fusion_weight=0)
+    shape = (16, 16, 16)
+    truth, mri = _smooth_volume(shape), _smooth_volume(shape, a=(4.0, 6.0, 5.0), phase=2.0)
+    moving = warp(truth, torch.full((3, *shape), 1.5))
+    x, target = torch.cat([mri, moving])[None], torch.cat([mri, truth])[None]
+    with torch.no_grad():
+        assert float(net(x, mode="full")["ddf"].abs().max()) == 0.0
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 3e-3)
+    for _ in range(40):
+        out = net(x, mode="train")
+        opt.zero_grad()
+        loss(out, target).backward()
+        opt.step()
+    with torch.no_grad():
+        out = net(x, mode="full")
+    inner = (..., slice(3, -3), slice(3, -3), slice(3, -3))
+    before = float((moving - truth).abs()[inner].mean())
+    after = float((out["aligned"][0] - truth).abs()[inner].mean())
+    assert after < 0.3 * before, (before, after)
+    torch.testing.assert_close(out["ddf"][0][inner].mean((1, 2, 3)), torch.full((3,), -1.5), atol=0.4, rtol=0)
+
+
+def test_3d_registration_check_reports_before_and_after(tmp_path):
+    """scripts.registration.evaluate_misaligned_volumes on tiny synthetic volumes: the identity network's 'after'
+    equals 'before'; the JSON holds per-pair and mean scores."""
+    import json
+
+    import nibabel as nib
+
+    from scripts.registration import evaluate_misaligned_volumes
+
+    items = []
+    for i in range(2):
+        mr, ct = _smooth_volume((20, 24, 16), phase=i), _smooth_volume((20, 24, 16), a=(3.0, 4.0, 6.0), phase=i)
+        for name, vol in (("mr", mr), ("ct", ct)):
+            nib.save(nib.Nifti1Image(vol[0].numpy(), np.eye(4)), tmp_path / f"{name}{i}.nii.gz")
+        items.append({"name": f"p{i}", "pair": "CT-MRI", "source_a": f"mr{i}.nii.gz", "source_b": f"ct{i}.nii.gz",
+                      "modality_a": "MRI", "modality_b": "CT"})
+    (tmp_path / "datalist_3d.json").write_text(json.dumps({"testing": items}))
+    torch.manual_seed(0)
+    net = BSAFusion(spatial_dims=3, **SMALL3)  # zero-initialised fields: the identity
+    res = evaluate_misaligned_volumes(network=net, bundle_root=BUNDLE_ROOT, dataset_dir=tmp_path, seed=3,
+                                      misalign={"sigma": 4.0}, output_json=tmp_path / "r.json", log=lambda *_: None)
+    assert len(res["pairs"]) == 2 and json.loads((tmp_path / "r.json").read_text())["mean"] == res["mean"]
+    for r in res["pairs"]:
+        assert r["MAE_before"] > 0.005 and r["MAE"] == pytest.approx(r["MAE_before"], abs=1e-6)
+        assert r["EPE"] == pytest.approx(r["EPE_before"], abs=1e-6) and r["folding"] == 0.0
+    assert res["settings"]["misalign"]["magnitude"] == 256.0 and res["settings"]["misalign"]["sigma"] == 4.0

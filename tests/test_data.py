@@ -269,3 +269,31 @@ def test_save_nifti_keeps_source_affine(tmp_path):
     img = nib.load(path)
     np.testing.assert_allclose(img.affine, affine, atol=1e-5)
     assert img.shape == (9, 11, 5)
+
+
+def test_aanlib_split_file_holds_out_a_fifth_of_every_pair_type(aanlib_dir, bundle_root):
+    """The split of the shipped weights: >= 20% of each pair type held out, disjoint, covering all 89 pairs."""
+    split = bundle_root / "configs" / "aanlib_split.json"
+    train = build_datalist(aanlib_dir, "training", split_file=split, check=False)
+    val = build_datalist(aanlib_dir, "validation", split_file=split, check=False)
+    names = set(json.loads(split.read_text())["validation"])
+    assert {it["name"] for it in val} == names
+    assert not names & {it["name"] for it in train}
+    assert len(train) + len(val) == len(build_datalist(aanlib_dir, "all", check=False)) == 89
+    for pair in ("CT-MRI", "PET-MRI", "SPECT-MRI"):
+        n_val = sum(it["pair"] == pair for it in val)
+        n_all = n_val + sum(it["pair"] == pair for it in train)
+        assert n_val >= 0.2 * n_all, (pair, n_val, n_all)
+
+
+def test_split_file_errors_name_the_file(tmp_path, aanlib_dir):
+    bad = tmp_path / "split.json"
+    bad.write_text('{"validation": []}')
+    with pytest.raises(FusionDataError, match=r"split\.json.*non-empty"):
+        build_datalist(aanlib_dir, "training", split_file=bad, check=False)
+    bad.write_text('{"validation": ["PAIR_THAT_DOES_NOT_EXIST"]}')
+    with pytest.raises(FusionDataError, match=r"split\.json: none of its 1 validation pair names"):
+        build_datalist(aanlib_dir, "validation", split_file=bad, check=False)
+    bad.write_text("{not json")
+    with pytest.raises(FusionDataError, match=r"split\.json: cannot read"):
+        build_datalist(aanlib_dir, "validation", split_file=bad, check=False)

@@ -426,9 +426,9 @@ def test_build_network_picks_native_3d_or_slices(tmp_path):
         build_network(dran, {"features": 4}, 3, True, tmp_path / "w3d.pt")
     bsa = load_method_config(BUNDLE_ROOT, "bsafusion")["network"]
     small = _tiny_overrides("bsafusion")
-    assert network_spatial_dims(build_network(bsa, small, spatial_dims=3)) == 2  # 2D only: slice-wise
-    with pytest.raises(ValueError, match="cannot be built in 3D"):
-        build_network(bsa, small, spatial_dims=3, slicewise=False)
+    assert network_spatial_dims(build_network(bsa, small, spatial_dims=3)) == 3  # native 3D without 2D weights
+    with pytest.raises(ValueError, match="cannot be built in 3D"):  # a 3D build that fails is named as such
+        build_network(bsa, {**small, "fusion_channels": [8, 8, 8]}, spatial_dims=3, slicewise=False)
     for method in ("mactfusion", "msgfusion", "average", "guided_filter"):  # these have a native 3D form
         cfg = load_method_config(BUNDLE_ROOT, method)["network"]
         assert network_spatial_dims(build_network(cfg, _tiny_overrides(method), spatial_dims=3)) == 3

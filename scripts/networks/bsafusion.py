@@ -17,14 +17,23 @@ Every warp goes through :class:`monai.networks.blocks.Warp`. Fields are pull fie
 ``aligned(p) = moving(p + ddf(p))``; the public ``ddf`` output uses MONAI's channel order (row, column), so
 ``Warp()(moving, ddf)`` applies it; the official code orders them (column, row).
 
+``spatial_dims=3`` is the same architecture on volumes (not in the paper or the official code; no official
+weights): 3D convolutions, Restormer channel attention and cross attention over voxels, ViT tokens from
+``patch_size^3`` patches, 3-channel fields, trilinear resizing, warps through MONAI ``Warp`` in 3D. Internally every
+field is in ``grid_sample`` order, last spatial axis first (2D: the official (column, row); 3D: (W, H, D) =
+(axis 2, axis 1, axis 0)); the public ``ddf`` is its channel flip, MONAI order (axis 0, axis 1[, axis 2]), in both.
+The 2D learned pixel-level positional map (resized to the image) has no cheap 3D counterpart (a 256^3 map is 16.7M
+parameters); 3D uses a learned positional table over the token grid instead (see :class:`ModalityClassifier`).
+
 Faithful defaults and explicit fixes (see the model card):
 
 - ``official_warp=True`` reproduces the official feature/image warp (zero padding and a half-pixel
   ``align_corners`` mismatch: a zero field is not the identity); ``False`` warps with border padding exactly.
 - ``token_shift=True`` reproduces the Transfer stacks' off-by-one (registration tokens shifted by one raster
   position); ``False`` drops the appended token instead.
-- Any size works: inputs are zero-padded to a multiple of ``patch_size`` and outputs cropped back (the official
-  code takes only 256x256). The learned positional map is resized to the (padded) input, as officially.
+- Any size works: inputs are zero-padded (at the end of each axis) to a multiple of ``patch_size`` and outputs
+  cropped back (the official code takes only 256x256). The learned positional map is resized to the (padded) input,
+  as officially (3D: the positional table to the token grid).
 """
 
 from __future__ import annotations
@@ -40,14 +49,27 @@ __all__ = ["BSAFusion", "RestormerLayer", "FieldWarp", "compose_fields"]
 
 LEVELS = 5
 
+# Defaults per spatial_dims: 2D = the official network; 3D = a CPU-sized width (patch 8 -> 4 registration levels).
+DEFAULTS = {
+    2: dict(hidden_size=256, patch_size=16, pos_size=256, reg_channels=(256, 64, 32, 16, 8, 1),
+            fusion_channels=(64, 32, 16, 12), zero_init_fields=False),
+    3: dict(hidden_size=64, patch_size=8, pos_size=32, reg_channels=(64, 32, 16, 8, 1),
+            fusion_channels=(32, 16, 12), zero_init_fields=True),
+}
 
-def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+def _conv(cin: int, cout: int, k: int, dims: int = 2) -> nn.Module:
+    return (nn.Conv2d if dims == 2 else nn.Conv3d)(cin, cout, k, padding=k // 2)
+
+
+def _linear_mode(x: torch.Tensor) -> str:
+    """``"bilinear"`` for (B, C, H, W), ``"trilinear"`` for (B, C, D, H, W)."""
+    return "bilinear" if x.ndim == 4 else "trilinear"
 
 
 def _spatial_norm(x: torch.Tensor) -> torch.Tensor:
     """Per-(sample, channel) normalisation over the spatial axes without affine (the official "LayerNorm")."""
-    return F.layer_norm(x, x.shape[-2:])
+    return F.layer_norm(x, x.shape[2:])
 
 
 class RestormerLayer(nn.Module):
@@ -56,20 +78,20 @@ class RestormerLayer(nn.Module):
     Differs from Restormer as the official code does: the attention softmax runs over all C x C entries jointly
     without temperature, the 3x3 convolutions are dense (not depthwise) and the norm is spatial.
 
-    Input (B, in_channels, H, W) -> (B, out_channels, H, W).
+    Input (B, in_channels, *S) -> (B, out_channels, *S), 2D or 3D (``dims``; the attention runs over all voxels).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, expansion: int = 4) -> None:
+    def __init__(self, in_channels: int, out_channels: int, expansion: int = 4, dims: int = 2) -> None:
         super().__init__()
         c, h = out_channels, out_channels * expansion
-        self.proj = _conv(in_channels, c, 1)
-        self.query = nn.Sequential(_conv(c, c, 1), _conv(c, c, 3))
-        self.key = nn.Sequential(_conv(c, c, 1), _conv(c, c, 3))
-        self.value = nn.Sequential(_conv(c, c, 1), _conv(c, c, 3))
-        self.attn_out = _conv(c, c, 1)
-        self.ffn_gate = nn.Sequential(_conv(c, h, 1), _conv(h, h, 3))
-        self.ffn_value = nn.Sequential(_conv(c, h, 1), _conv(h, h, 3))
-        self.ffn_out = _conv(h, c, 1)
+        self.proj = _conv(in_channels, c, 1, dims)
+        self.query = nn.Sequential(_conv(c, c, 1, dims), _conv(c, c, 3, dims))
+        self.key = nn.Sequential(_conv(c, c, 1, dims), _conv(c, c, 3, dims))
+        self.value = nn.Sequential(_conv(c, c, 1, dims), _conv(c, c, 3, dims))
+        self.attn_out = _conv(c, c, 1, dims)
+        self.ffn_gate = nn.Sequential(_conv(c, h, 1, dims), _conv(h, h, 3, dims))
+        self.ffn_value = nn.Sequential(_conv(c, h, 1, dims), _conv(h, h, 3, dims))
+        self.ffn_out = _conv(h, c, 1, dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
@@ -104,20 +126,36 @@ class ModalityClassifier(nn.Module):
 
     With ``embed=True`` (the classifier) it first adds a learned positional map resized to the image and embeds
     16x16 patches; without (the discriminator) it starts from tokens. Returns (logits (B, 2), MFRH (B, hidden),
-    patch tokens (B, N, hidden)).
+    patch tokens (B, N, hidden), N in raster order of the token grid).
+
+    3D (``dims=3``): ``patch_size^3`` patches (a strided Conv3d), and the natural 3D positional embedding: a learned
+    table ``pos_table`` (1, hidden, g, g, g) over the token grid, ``g = max(1, pos_size // patch_size)``
+    (initialised N(0, 0.02^2) as in ViT), added to the patch tokens after embedding and resized trilinearly
+    (corners aligned) to the input's token grid when that differs, as the 2D map is resized to the image.
     """
 
     def __init__(self, in_channels: int = 3, hidden_size: int = 256, patch_size: int = 16, num_heads: int = 4,
-                 depth: int = 2, dropout: float = 0.1, embed: bool = True, pos_size: int = 256) -> None:
+                 depth: int = 2, dropout: float = 0.1, embed: bool = True, pos_size: int = 256,
+                 dims: int = 2) -> None:
         super().__init__()
-        if embed:
+        if embed and dims == 2:
             self.pos_map = nn.Parameter(torch.randn(1, 1, pos_size, pos_size))
             self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        elif embed:
+            g = max(1, pos_size // patch_size)
+            self.pos_table = nn.Parameter(torch.randn(1, hidden_size, g, g, g) * 0.02)
+            self.patch_embed = nn.Conv3d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.blocks = nn.Sequential(*[ViTBlock(hidden_size, num_heads, hidden_size, dropout) for _ in range(depth)])
         self.head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 2))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5:
+            t = self.patch_embed(x)
+            pos = self.pos_table
+            if pos.shape[2:] != t.shape[2:]:
+                pos = F.interpolate(pos, size=t.shape[2:], mode="trilinear", align_corners=True)
+            return (t + pos).flatten(2).transpose(1, 2)
         pos = F.interpolate(self.pos_map, size=x.shape[-2:], mode="bilinear", align_corners=True)
         return self.patch_embed(x + pos).flatten(2).transpose(1, 2)
 
@@ -145,8 +183,10 @@ class TransferStack(nn.Module):
 class FieldWarp(nn.Module):
     """Pull-warp through MONAI ``Warp`` with a field in the official (column, row) channel order, in pixels.
 
-    ``official=True`` reproduces the official ``Warper2d``: it normalises with the ``align_corners=True`` rule but
-    samples with ``align_corners=False`` and zero padding, i.e. it samples at ``(p + u) * N / (N - 1) - 0.5``.
+    2D or 3D: the field is in ``grid_sample`` order, last spatial axis first ((column, row); 3D (W, H, D)), and is
+    flipped into MONAI's order for ``Warp``. ``official=True`` reproduces the official ``Warper2d``: it normalises
+    with the ``align_corners=True`` rule but samples with ``align_corners=False`` and zero padding, i.e. it samples
+    at ``(p + u) * N / (N - 1) - 0.5`` along each axis (3D: the same rule per axis).
     """
 
     def __init__(self, official: bool = False) -> None:
@@ -159,34 +199,36 @@ class FieldWarp(nn.Module):
     def forward(self, image: torch.Tensor, flow_xy: torch.Tensor) -> torch.Tensor:
         ddf = flow_xy.flip(1)
         if self.official:
-            h, w = ddf.shape[-2:]
-            rows = torch.arange(h, device=ddf.device, dtype=ddf.dtype).view(h, 1)
-            cols = torch.arange(w, device=ddf.device, dtype=ddf.dtype).view(1, w)
-            r = (rows + ddf[:, 0]) * (h / max(h - 1, 1)) - 0.5 - rows
-            c = (cols + ddf[:, 1]) * (w / max(w - 1, 1)) - 0.5 - cols
-            ddf = torch.stack([r, c], 1)
+            spatial = ddf.shape[2:]
+            comps = []
+            for i, n in enumerate(spatial):
+                view = [1] * len(spatial)
+                view[i] = n
+                p = torch.arange(n, device=ddf.device, dtype=ddf.dtype).view(view)
+                comps.append((p + ddf[:, i]) * (n / max(n - 1, 1)) - 0.5 - p)
+            ddf = torch.stack(comps, 1)
         return self.warp(image, ddf)
 
 
 def compose_fields(fields: list[torch.Tensor], size) -> torch.Tensor:
-    """Sum of coarse-to-fine per-level fields upsampled to ``size`` (bilinear, corners aligned), each scaled by
-    its grid's ratio to ``size`` (a plain sum, not a composition by warping, as officially)."""
+    """Sum of coarse-to-fine per-level fields upsampled to ``size`` (bilinear / trilinear in 3D, corners aligned),
+    each scaled by its grid's ratio to ``size`` (a plain sum, not a composition by warping, as officially)."""
     total = 0
     for phi in fields:
         scale = size[-1] / phi.shape[-1]
-        up = phi if phi.shape[-2:] == tuple(size) else F.interpolate(phi, size=size, mode="bilinear",
-                                                                       align_corners=True)
+        up = phi if phi.shape[2:] == tuple(size) else F.interpolate(phi, size=tuple(size), mode=_linear_mode(phi),
+                                                                      align_corners=True)
         total = total + up * scale
     return total
 
 
 class _CrossAttention(nn.Module):
-    """a + a' * softmax_HW(a' * b'), with a' = ReLU(conv(a)), b' = ReLU(conv'(b))."""
+    """a + a' * softmax_HW(a' * b'), with a' = ReLU(conv(a)), b' = ReLU(conv'(b)); softmax over all voxels in 3D."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv_a = _conv(channels, channels, 3)
-        self.conv_b = _conv(channels, channels, 3)
+        self.conv_a = _conv(channels, channels, 3, dims)
+        self.conv_b = _conv(channels, channels, 3, dims)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a2, b2 = F.relu(self.conv_a(a)), F.relu(self.conv_b(b))
@@ -194,15 +236,16 @@ class _CrossAttention(nn.Module):
 
 
 class RegistrationStep(nn.Module):
-    """One step of a registration chain: a +-1 px field on this grid and the chain's state for the next grid."""
+    """One step of a registration chain: a +-1 px field on this grid (``dims`` channels, tanh) and the chain's state
+    for the next grid."""
 
-    def __init__(self, channels: int, out_channels: int) -> None:
+    def __init__(self, channels: int, out_channels: int, dims: int = 2) -> None:
         super().__init__()
-        self.mix = _conv(2 * channels, channels, 1)
-        self.cross = _CrossAttention(channels)  # shared by both orders
-        self.refine = _conv(channels, channels, 3)
-        self.flow = _conv(channels, 2, 3)
-        self.state_out = _conv(channels, out_channels, 1)
+        self.mix = _conv(2 * channels, channels, 1, dims)
+        self.cross = _CrossAttention(channels, dims)  # shared by both orders
+        self.refine = _conv(channels, channels, 3, dims)
+        self.flow = _conv(channels, dims, 3, dims)
+        self.state_out = _conv(channels, out_channels, 1, dims)
 
     def forward(self, state: torch.Tensor, pair: torch.Tensor, last: bool = False):
         g = F.leaky_relu(self.mix(pair))
@@ -211,36 +254,38 @@ class RegistrationStep(nn.Module):
         phi = torch.tanh(self.flow(z))
         if last:  # the official code computes the next state here too and throws it away
             return None, phi
-        up = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=True)
+        up = F.interpolate(z, scale_factor=2, mode=_linear_mode(z), align_corners=True)
         return F.leaky_relu(self.state_out(up)), phi
 
 
 class _FeatureUpsampler(nn.Module):
-    """x2 bilinear (corners aligned), 1x1 then 3x3 conv, instance norm, LeakyReLU."""
+    """x2 bilinear / trilinear (corners aligned), 1x1 then 3x3 conv, instance norm, LeakyReLU."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, dims: int = 2) -> None:
         super().__init__()
-        self.reduce = _conv(cin, cout, 1)
-        self.conv = _conv(cout, cout, 3)
+        self.reduce = _conv(cin, cout, 1, dims)
+        self.conv = _conv(cout, cout, 3, dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.reduce(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+        x = self.reduce(F.interpolate(x, scale_factor=2, mode=_linear_mode(x), align_corners=True))
         return F.leaky_relu(F.instance_norm(self.conv(x)))
 
 
 class RegistrationNet(nn.Module):
     """Two chains of stepwise fields: the fixed chain's sum is subtracted from the moving chain's sum."""
 
-    def __init__(self, channels=(256, 64, 32, 16, 8, 1), official_warp: bool = True) -> None:
+    def __init__(self, channels=(256, 64, 32, 16, 8, 1), official_warp: bool = True, dims: int = 2) -> None:
         super().__init__()
         pairs = list(zip(channels[:-1], channels[1:]))
-        self.fixed_steps = nn.ModuleList([RegistrationStep(c, o) for c, o in pairs])
-        self.moving_steps = nn.ModuleList([RegistrationStep(c, o) for c, o in pairs])
-        self.upsamplers = nn.ModuleList([_FeatureUpsampler(c, o) for c, o in pairs[:-1]])
+        self.fixed_steps = nn.ModuleList([RegistrationStep(c, o, dims) for c, o in pairs])
+        self.moving_steps = nn.ModuleList([RegistrationStep(c, o, dims) for c, o in pairs])
+        self.upsamplers = nn.ModuleList([_FeatureUpsampler(c, o, dims) for c, o in pairs[:-1]])
         self.warp = FieldWarp(official_warp)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor):
-        """(B, C, h, w) token maps -> (per-level fields [phi_1..phi_10], field (B, 2, 16h, 16w), (column, row))."""
+        """(B, C, h, w) token maps -> (per-level fields [phi_1..phi_10], field (B, 2, 16h, 16w), (column, row)).
+
+        3D: (B, C, d, h, w) -> fields with 3 channels, (W, H, D) order, at ``patch_size`` times the token grid."""
         a_f, a_m, s_f, s_m = fixed, moving, fixed, moving
         phis = []
         n = len(self.fixed_steps)
@@ -255,7 +300,7 @@ class RegistrationNet(nn.Module):
                 warped = self.warp(torch.cat([a_f, a_m], 0), torch.cat([phi_f, phi_m], 0))
                 # instance norm is per sample, so the shared upsampler can take both chains as one batch
                 a_f, a_m = self.upsamplers[k](warped).split(b, 0)
-        size = phis[-1].shape[-2:]
+        size = phis[-1].shape[2:]
         flow = compose_fields(phis[1::2], size) - compose_fields(phis[0::2], size)
         return phis, flow
 
@@ -264,20 +309,21 @@ class FusionDecoder(nn.Module):
     """Fuses the fixed token stream with the warped moving one at 4 scales, then the shallow encoder features."""
 
     def __init__(self, hidden_size: int = 256, channels=(64, 32, 16, 12), shallow: int = 8,
-                 official_warp: bool = True) -> None:
+                 official_warp: bool = True, dims: int = 2) -> None:
         super().__init__()
         c = list(channels)
-        self.stages = nn.ModuleList([RestormerLayer(2 * hidden_size, c[0])]
-                                    + [RestormerLayer(3 * c[i - 1], c[i]) for i in range(1, len(c))])
+        self.stages = nn.ModuleList([RestormerLayer(2 * hidden_size, c[0], dims=dims)]
+                                    + [RestormerLayer(3 * c[i - 1], c[i], dims=dims) for i in range(1, len(c))])
         tok = [hidden_size] + c[:-2]
-        self.token_up = nn.ModuleList([_conv(tok[i], c[i], 1) for i in range(len(c) - 1)])
-        self.fused_up = nn.ModuleList([_conv(c[i], c[i], 1) for i in range(len(c) - 1)])
-        self.reconstruct = nn.Sequential(RestormerLayer(c[-1] + 2 * shallow, c[-1]), RestormerLayer(c[-1], 1))
+        self.token_up = nn.ModuleList([_conv(tok[i], c[i], 1, dims) for i in range(len(c) - 1)])
+        self.fused_up = nn.ModuleList([_conv(c[i], c[i], 1, dims) for i in range(len(c) - 1)])
+        self.reconstruct = nn.Sequential(RestormerLayer(c[-1] + 2 * shallow, c[-1], dims=dims),
+                                         RestormerLayer(c[-1], 1, dims=dims))
         self.warp = FieldWarp(official_warp)
 
     @staticmethod
     def _up(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return F.interpolate(x, scale_factor=2, mode=_linear_mode(x), align_corners=False)
 
     def forward(self, shallow_f, shallow_m, tokens_f, tokens_m, flow) -> torch.Tensor:
         q = None
@@ -288,7 +334,7 @@ class FusionDecoder(nn.Module):
                 tokens_f, tokens_m = F.relu(self.token_up[i - 1](both)).split(b, 0)
                 q = F.relu(self.fused_up[i - 1](self._up(q)))
             scale = flow.shape[-1] / tokens_m.shape[-1]
-            flow_d = F.interpolate(flow, size=tokens_m.shape[-2:], mode="bilinear", align_corners=False) / scale
+            flow_d = F.interpolate(flow, size=tokens_m.shape[2:], mode=_linear_mode(flow), align_corners=False) / scale
             parts = [tokens_f, self.warp(tokens_m, flow_d)] + ([q] if q is not None else [])
             q = stage(torch.cat(parts, 1))
         q = self._up(q)
@@ -310,41 +356,72 @@ class BSAFusion(nn.Module):
     (B, 2) modality logits (index 1 = MRI). ``mode="train"`` adds what :class:`scripts.losses.BSAFusionLoss`
     needs: the per-level fields, the discriminator logits and the moving image warped with border padding.
 
+    3D (``spatial_dims=3``): input (B, 2, D, H, W), any size (padded to multiples of ``patch_size`` per axis);
+    ``fused``/``aligned`` (B, 1, D, H, W); ``ddf`` (B, 3, D, H, W) in voxels, MONAI order (axis 0, 1, 2), so
+    ``monai.networks.blocks.Warp()(moving, ddf)`` gives ``aligned``; ``mode="train"``'s ``flow`` and ``phis`` are in
+    the internal (axis 2, 1, 0) order (``ddf = flow.flip(1)``). Token grid ``(D/p, H/p, W/p)`` (raster order),
+    ``log2(p)`` registration levels (the last at full resolution) and ``log2(p)`` fusion stages.
+
     Args:
-        spatial_dims: 2 only (the token grid, positional map and fields are 2D).
+        spatial_dims: 2 (the official network, parity-exact with converted weights) or 3 (volumes).
         hidden_size, num_heads, patch_size, depth: ViT width, heads, patch side, blocks per ViT stack.
-        pos_size: side of the learned positional map (resized to the input; 256 officially).
-        reg_channels: channel schedule of the registration chains (first = hidden_size).
-        fusion_channels: fusion decoder widths per scale.
-        official_warp, token_shift: reproduce the official quirks (see module docstring).
+            ``None``: 256 / 16 in 2D (official); 64 / 8 in 3D (CPU-sized: a 32^3 crop is 4^3 tokens; 4
+            registration levels). ``patch_size`` must be ``2 ** (len(reg_channels) - 2)``; with only
+            ``reg_channels`` given it follows from them.
+        pos_size: 2D: side of the learned pixel-level positional map (resized to the input; 256 officially).
+            3D: the voxel extent its learned token table covers, ``(pos_size // patch_size)^3`` tokens (resized to
+            the token grid; default ``4 * patch_size``, one 32^3 training crop with patch 8).
+        reg_channels: channel schedule of the registration chains (first = hidden_size; one level per entry but
+            the last). ``None``: (256, 64, 32, 16, 8, 1) in 2D, (hidden_size, 32, 16, 8, 1) in 3D.
+        fusion_channels: fusion decoder widths per scale, ``log2(patch_size)`` entries. ``None``:
+            (64, 32, 16, 12) in 2D, (32, 16, 12) in 3D.
+        shallow_channels: width of the shallow encoder features (8 officially).
+        official_warp, token_shift: reproduce the official quirks (see module docstring); in 3D they act the same.
         dropout: attention/output dropout of the classifier and discriminator (0.1 officially).
         zero_init_fields: initialise the field heads to zero, so training starts from the identity mapping
-            (a training choice, not the official init; converted weights overwrite it anyway).
+            (a training choice, not the official init; converted weights overwrite it anyway). ``None``: False in
+            2D (official init), True in 3D (no official 3D init exists; CPU-length runs start from the identity).
     """
 
-    def __init__(self, spatial_dims: int = 2, hidden_size: int = 256, num_heads: int = 4, patch_size: int = 16,
-                 depth: int = 2, pos_size: int = 256, reg_channels=(256, 64, 32, 16, 8, 1),
-                 fusion_channels=(64, 32, 16, 12), shallow_channels: int = 8, official_warp: bool = True,
-                 token_shift: bool = True, dropout: float = 0.1, zero_init_fields: bool = False) -> None:
+    def __init__(self, spatial_dims: int = 2, hidden_size: int | None = None, num_heads: int = 4,
+                 patch_size: int | None = None, depth: int = 2, pos_size: int | None = None, reg_channels=None,
+                 fusion_channels=None, shallow_channels: int = 8, official_warp: bool = True,
+                 token_shift: bool = True, dropout: float = 0.1, zero_init_fields: bool | None = None) -> None:
         super().__init__()
-        if spatial_dims != 2:
-            raise ValueError("BSAFusion is 2D (token grid, positional map and deformation fields); got "
-                             f"spatial_dims={spatial_dims}. Fuse volumes slice by slice.")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        dflt = DEFAULTS[spatial_dims]
+        if hidden_size is None:
+            hidden_size = reg_channels[0] if reg_channels is not None else dflt["hidden_size"]
+        if reg_channels is None:
+            reg_channels = (hidden_size, *dflt["reg_channels"][1:])
+        reg_channels = tuple(int(c) for c in reg_channels)
+        if patch_size is None:
+            patch_size = 2 ** (len(reg_channels) - 2) if len(reg_channels) >= 2 else dflt["patch_size"]
+        fusion_channels = tuple(dflt["fusion_channels"] if fusion_channels is None else fusion_channels)
+        if pos_size is None:
+            pos_size = dflt["pos_size"] if spatial_dims == 2 else 4 * patch_size
+        if zero_init_fields is None:
+            zero_init_fields = dflt["zero_init_fields"]
         if reg_channels[0] != hidden_size:
             raise ValueError(f"reg_channels[0] ({reg_channels[0]}) must equal hidden_size ({hidden_size}).")
         if patch_size != 2 ** (len(reg_channels) - 2):
             raise ValueError(f"patch_size {patch_size} must be 2**(len(reg_channels) - 2) so that the last "
                              "registration step runs at full resolution.")
+        if 2 ** len(fusion_channels) != patch_size:
+            raise ValueError(f"fusion_channels needs log2(patch_size) = {patch_size.bit_length() - 1} entries (one "
+                             f"decoder stage per scale), got {len(fusion_channels)}.")
+        d = self.spatial_dims = spatial_dims
         self.patch_size = patch_size
-        self.encoder_shallow = RestormerLayer(1, shallow_channels)
-        self.encoder_deep = RestormerLayer(shallow_channels, 3)
-        self.classifier = ModalityClassifier(3, hidden_size, patch_size, num_heads, depth, dropout, True, pos_size)
+        self.encoder_shallow = RestormerLayer(1, shallow_channels, dims=d)
+        self.encoder_deep = RestormerLayer(shallow_channels, 3, dims=d)
+        self.classifier = ModalityClassifier(3, hidden_size, patch_size, num_heads, depth, dropout, True, pos_size, d)
         self.discriminator = ModalityClassifier(3, hidden_size, patch_size, num_heads, depth, dropout, embed=False)
         self.discriminator.requires_grad_(False)  # a lagging copy of the classifier (see ``epoch_completed``)
         self.transfer_fixed = TransferStack(hidden_size, num_heads, depth, token_shift)
         self.transfer_moving = TransferStack(hidden_size, num_heads, depth, token_shift)
-        self.registration = RegistrationNet(reg_channels, official_warp)
-        self.fusion = FusionDecoder(hidden_size, fusion_channels, shallow_channels, official_warp)
+        self.registration = RegistrationNet(reg_channels, official_warp, d)
+        self.fusion = FusionDecoder(hidden_size, fusion_channels, shallow_channels, official_warp, d)
         self.official_warp = official_warp
         if zero_init_fields:  # start training from the identity (officially: default init, fields of ~20 px)
             for step in list(self.registration.fixed_steps) + list(self.registration.moving_steps):
@@ -360,21 +437,22 @@ class BSAFusion(nn.Module):
         self.discriminator.load_state_dict({k: v for k, v in src.items() if k in self.discriminator.state_dict()})
 
     def _grid(self, t: torch.Tensor, shape) -> torch.Tensor:
-        h, w = shape[0] // self.patch_size, shape[1] // self.patch_size
-        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+        grid = [s // self.patch_size for s in shape]
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
 
     def forward(self, x: torch.Tensor, mode: str = "fuse"):
-        if x.ndim != 4 or x.shape[1] != 2:
-            raise ValueError(f"BSAFusion expects (B, 2, H, W) [fixed MRI, moving]; got {tuple(x.shape)}.")
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != 2:
+            axes = "H, W" if self.spatial_dims == 2 else "D, H, W"
+            raise ValueError(f"BSAFusion expects (B, 2, {axes}) [fixed MRI, moving]; got {tuple(x.shape)}.")
         if mode not in ("fuse", "full", "train"):
             raise ValueError(f"mode must be 'fuse', 'full' or 'train', got {mode!r}.")
-        h, w = x.shape[-2:]
+        size = tuple(x.shape[2:])
         p = self.patch_size
-        ph, pw = (-h) % p, (-w) % p
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
+        pads = [(-s) % p for s in size]
+        if any(pads):  # at the end of each axis; F.pad lists the last axis first
+            x = F.pad(x, [v for pad in reversed(pads) for v in (0, pad)])
         fixed, moving = x[:, :1], x[:, 1:2]
-        shape = x.shape[-2:]
+        shape = x.shape[2:]
 
         # the shared encoder and classifier see both images as one batch (same result, one call each)
         n = x.shape[0]
@@ -388,7 +466,7 @@ class BSAFusion(nn.Module):
         phis, flow = self.registration(self._grid(trans_f, shape), self._grid(trans_m, shape))
         fused = self.fusion(shallow_f, shallow_m, self._grid(tokens_f, shape), self._grid(tokens_m, shape), flow)
 
-        crop = (..., slice(0, h), slice(0, w))
+        crop = (..., *(slice(0, s) for s in size))
         if mode == "fuse":
             return fused[crop]
         out = {

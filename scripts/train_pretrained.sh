@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Trains the shipped weights (models/<method>.pt, one model per method for all three modality pairs) on the
+# training split of the Harvard AANLIB pairs (configs/aanlib_split.json holds the validation pairs out), then
+# evaluates every method and the baselines on the validation split into one table (docs/README.md, "Shipped
+# weights"). CPU schedule on crops; on a GPU add e.g. `--epochs 300 --patch_size "[256, 256]"` per method.
+#
+#   bash scripts/train_pretrained.sh [dataset_dir] [method ...]      # default: ../shared/data/aanlib, all four
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data/aanlib}
+shift || true
+METHODS=${*:-dran mactfusion msgfusion bsafusion}
+OUT=runs/pretrained
+COMMON=(--dataset_dir "$DATA" --split_file configs/aanlib_split.json --seed 0)
+
+train() {  # method, extra overrides...
+    local m=$1; shift
+    echo "== training $m: $* ($(date -u +%FT%TZ))"
+    /usr/bin/time -f "$m training wall %e s" python -m monai.bundle run training --config_file configs/train.json \
+        --method "$m" "${COMMON[@]}" --output_dir "$OUT/$m" "$@"
+    # weights only, float16 storage (halves BSAFusion to ~20 MB); loads into the float32 network unchanged
+    python - "$OUT/$m/model.pt" "models/$m.pt" <<'EOF'
+import sys, torch
+from scripts.io import atomic_save
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+sd = sd.get("model", sd)
+sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+atomic_save(sys.argv[2], lambda tmp: torch.save(sd, tmp))
+print(f"wrote {sys.argv[2]} ({sum(v.numel() for v in sd.values()):,} values)")
+EOF
+}
+
+for m in $METHODS; do
+    case $m in
+        dran)       train dran --epochs 30 --patch_size "[128, 128]" --batch_size 8 --learning_rate 5e-4 --val_interval 5 ;;
+        mactfusion) train mactfusion --epochs 20 --patch_size "[128, 128]" --batch_size 8 --val_interval 5 ;;
+        msgfusion)  train msgfusion --epochs 20 --patch_size "[128, 128]" --batch_size 8 --val_interval 5 ;;
+        bsafusion)  train bsafusion --epochs 15 --patch_size "[128, 128]" --batch_size 4 --val_interval 5 \
+                        --network_overrides "{'zero_init_fields': True}" ;;
+        *) echo "unknown method $m" >&2; exit 2 ;;
+    esac
+done
+
+# validation table: baselines + shipped weights, one folder (metrics_summary.md)
+for m in average max laplacian_pyramid $METHODS; do
+    python -m monai.bundle run evaluating --config_file configs/evaluate.json "${COMMON[@]}" --split validation \
+        --method "$m" --truth_luminance studio --output_dir "$OUT/eval"
+done
