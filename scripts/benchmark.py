@@ -84,6 +84,7 @@ class BenchEntry:
     overrides_3d: dict | None = None  # None: not benchmarked in 3D; else extra overrides for spatial_dims=3
     official: str | None = None  # key of OFFICIAL_LATENCY_S / PAPER_LATENCY_S (default: method)
     note: str = ""
+    max_pixels: int | None = None  # skip larger sizes (a slow configuration that only needs its 256x256 row)
 
 
 REGISTRY: dict[str, BenchEntry] = {
@@ -91,7 +92,8 @@ REGISTRY: dict[str, BenchEntry] = {
     "mactfusion": BenchEntry("mactfusion", overrides_3d={"window_size": 4, "large_kernel_size": 7},
                              note="3D with the docstring's 3D settings (window 4, kernel 7)"),
     "msgfusion": BenchEntry("msgfusion", overrides_3d={}, note="bundle default width F = 16"),
-    "msgfusion@64": BenchEntry("msgfusion", overrides={"features": 64}, note="paper width F = 64"),
+    "msgfusion@64": BenchEntry("msgfusion", overrides={"features": 64}, note="paper width F = 64",
+                               max_pixels=256 * 256),
     "average": BenchEntry("average", overrides_3d={}),
     "max": BenchEntry("max", overrides_3d={}),
     "laplacian_pyramid": BenchEntry("laplacian_pyramid", overrides_3d={}),
@@ -534,6 +536,8 @@ def main(argv=None) -> dict:
     data.add_argument("--data", dest="data", action="store_true", default=None, help="benchmark the train loader")
     data.add_argument("--no-data", dest="data", action="store_false")
     ap.add_argument("--data-dir", type=Path, default=None, help="dataset for --data (default: the train config's)")
+    ap.add_argument("--scaling", nargs="+", type=int, default=None, metavar="SIDE",
+                    help="instead of the full table: optimised forward latency vs image side (e.g. 128 256 512 1024)")
     args = ap.parse_args(argv)
     if args.omp_passive:
         if "torch" in sys.modules:
@@ -566,13 +570,15 @@ def main(argv=None) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "load_start": _load(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
+    if args.scaling:
+        return bench_scaling(names, args.scaling, devices, args, env)
     env["peak_gflops"] = {d: measured_peak_gflops(d, args.quick) for d in devices}
     rows = []
     for device in devices:
         for name in names:
             entry = REGISTRY[name]
             for size in sizes:
-                if len(size) == 3 and entry.overrides_3d is None:
+                if (len(size) == 3 and entry.overrides_3d is None) or math.prod(size) > (entry.max_pixels or math.inf):
                     continue
                 t0 = time.perf_counter()
                 try:
@@ -590,6 +596,10 @@ def main(argv=None) -> dict:
                       f"{lat['optimised']:.3f} s (x{row['speedup_optimised_vs_reference']:.2f})"
                       + (f", {row['optimised_over_official']:.2f} of official" if "official_s" in row else "")
                       + f"  [load {row['load_before']:.1f}]", flush=True)
+                if args.json:  # partial report after every row: an interrupted run keeps what it measured
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({"environment": env, "results": rows, "partial": True},
+                                                    indent=2, default=str))
     # the peak again at the end (load changes during a long run): keep the better measurement, recompute shares
     for d in devices:
         again = measured_peak_gflops(d, args.quick)
@@ -607,6 +617,49 @@ def main(argv=None) -> dict:
     for r in rows:
         if "error" in r:
             print(f"FAILED: {r['name']} {r['size']} {r['device']}: {r['error']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def bench_scaling(names: list, sides: list, devices: list, args, env: dict) -> dict:
+    """Optimised batch-1 forward latency (median of ``--repeats``) per square side; cost per pixel relative to the
+    smallest side shows whether a method stays linear in pixels."""
+    import torch
+
+    rows = []
+    for device in devices:
+        for name in names:
+            entry = REGISTRY[name]
+            net = build_network(entry, 2)[0].to(device).eval()
+            row = {"name": name, "device": device, "latency_s": {}}
+            for side in sides:
+                x = torch.rand(1, 2, side, side, device=device)
+
+                def fwd(x=x):
+                    with torch.inference_mode():
+                        net(x)
+                try:
+                    t = time_variants({"o": (lambda: None, fwd)}, args.repeats, args.warmup, torch.device(device))
+                    row["latency_s"][side] = _median(t["o"]["wall"])
+                except RuntimeError as e:  # out of memory
+                    row["latency_s"][side] = float("nan")
+                    row.setdefault("error", str(e)[:200])
+            rows.append(row)
+            print(f"{name:18s} {device}: " + ", ".join(f"{s}: {v:.3f} s" for s, v in row["latency_s"].items()),
+                  flush=True)
+    s0 = sides[0]
+    lines = ["| method | device | " + " | ".join(f"{s}x{s} s" for s in sides)
+             + f" | cost per pixel at {sides[-1]} / at {s0} |", "|---|---|" + "---|" * (len(sides) + 1)]
+    for r in rows:
+        lat = r["latency_s"]
+        per_px = (lat[sides[-1]] / sides[-1] ** 2) / (lat[s0] / s0 ** 2)
+        lines.append(f"| {r['name']} | {r['device']} | " + " | ".join(f"{lat[s]:.3f}" for s in sides)
+                     + f" | {per_px:.2f} |")
+    print("\n" + "\n".join(lines))
+    env["load_end"] = _load()
+    report = {"environment": env, "scaling": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str))

@@ -2,7 +2,8 @@
 # Trains the shipped weights (models/<method>.pt, one model per method for all three modality pairs) on the
 # training split of the Harvard AANLIB pairs (configs/aanlib_split.json holds the validation pairs out), then
 # evaluates every method and the baselines on the validation split into one table (docs/README.md, "Shipped
-# weights"). CPU schedule on crops; on a GPU add e.g. `--epochs 300 --patch_size "[256, 256]"` per method.
+# weights"). CPU schedule: the methods' default crops and batch (configs/methods/<m>.json), more epochs; on a GPU
+# add e.g. `--epochs 300 --patch_size "[256, 256]"` per method.
 #
 #   bash scripts/train_pretrained.sh [dataset_dir] [method ...]      # default: ../shared/data/aanlib, all four
 set -euo pipefail
@@ -32,10 +33,10 @@ EOF
 
 for m in $METHODS; do
     case $m in
-        dran)       train dran --epochs 30 --patch_size "[128, 128]" --batch_size 8 --learning_rate 5e-4 --val_interval 5 ;;
-        mactfusion) train mactfusion --epochs 20 --patch_size "[128, 128]" --batch_size 8 --val_interval 5 ;;
-        msgfusion)  train msgfusion --epochs 20 --patch_size "[128, 128]" --batch_size 8 --val_interval 5 ;;
-        bsafusion)  train bsafusion --epochs 15 --patch_size "[128, 128]" --batch_size 4 --val_interval 5 \
+        dran)       train dran --epochs 20 --learning_rate 5e-4 --val_interval 10 ;;
+        mactfusion) train mactfusion --epochs 10 --val_interval 5 ;;
+        msgfusion)  train msgfusion --epochs 20 --val_interval 10 ;;
+        bsafusion)  train bsafusion --epochs 8 --val_interval 4 \
                         --network_overrides "{'zero_init_fields': True}" ;;
         *) echo "unknown method $m" >&2; exit 2 ;;
     esac

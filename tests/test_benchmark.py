@@ -62,3 +62,16 @@ def test_official_ratio_and_data_check(tmp_path, monkeypatch, aanlib_dir):
     assert msg["paper_s"] == 2.0 and "official_s" not in msg
     assert {d["num_workers"] for d in report["data"]} == {0, 2}
     assert all(d["batches_per_s"] > 0 and d["method"] == "msgfusion" for d in report["data"])
+
+
+def test_scaling_mode_reports_every_side(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    report = benchmark.main(["--scaling", "16", "32", "--methods", "dran", "average", "--repeats", "1",
+                             "--threads", "1", "--device", "cpu", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| method | device | 16x16 s | 32x32 s | cost per pixel at 32 / at 16 |" in printed
+    rows = {r["name"]: r for r in report["scaling"]}
+    assert set(rows) == {"dran", "average"}
+    for r in rows.values():
+        assert set(r["latency_s"]) == {16, 32} and all(v > 0 for v in r["latency_s"].values())
+    assert json.loads(out.read_text())["scaling"][0]["name"] == "dran"
