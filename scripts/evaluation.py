@@ -76,9 +76,15 @@ def _rc(x) -> torch.Tensor:
 
 
 def grey255(x: torch.Tensor) -> torch.Tensor:
-    """(1, *spatial) source values -> rounded 0..255 grey (stretched only when outside 0..255)."""
+    """(1, *spatial) source values -> rounded 0..255 grey.
+
+    Data on an 8-bit scale (values in 0..255 beyond 0..1: PNG/JPEG sources and their luminance) is kept as is,
+    the published evaluator's convention; anything else (float NIfTI in 0..1, CT in HU, 12-bit DICOM) is min-max
+    stretched to 0..255 first, since the metrics' constants (VIF's noise variance 2, SSIM's C1/C2) assume an
+    8-bit range."""
     x = _plain(x)
-    return M.to_grey255(x[None], input_range=255.0, minmax=bool(x.min() < 0 or x.max() > 255))[0]
+    eight_bit = bool(x.min() >= 0 and 1 < x.max() <= 255)
+    return M.to_grey255(x[None], input_range=255.0, minmax=not eight_bit)[0]
 
 
 def _check_size(img: torch.Tensor, ref: torch.Tensor, path, what: str) -> None:

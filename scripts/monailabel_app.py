@@ -13,12 +13,13 @@ side and ``/train/fusion_<method>`` fine-tunes the trainable ones::
 - ``scripts`` and every file of ``configs/`` except the two below: links to this bundle (code changes apply at the
   next server start);
 - ``configs/inference.json``: this bundle's, with ``method`` set, ``ckpt_path`` pointing at ``models/model.pt``
-  (trainable methods) and the bundle's own file writers removed from ``postprocessing`` (MONAI Label writes the
-  answer itself; the writers would leave a copy of every request in the model folder);
+  (trainable methods), the bundle's own file writers removed from ``postprocessing`` (MONAI Label writes the
+  answer itself; the writers would leave a copy of every request in the model folder) and
+  :class:`RestoreInputGridd` appended (the answer on the input's voxel grid);
 - ``configs/train.json`` (trainable methods only; baselines get no trainer): this bundle's, with ``method`` set and
-  the best model (key metric on the validation images) written to ``models/model.pt``, the file MONAI Label
-  serves and starts the next training from; the rest of a run (``checkpoint.pt``, ``model_final.pt``, TensorBoard
-  logs) stays in ``runs/<method>/`` inside the model folder;
+  the best model (key metric on the validation images; with no validation images, the final model) written to
+  ``models/model.pt``, the file MONAI Label serves and starts the next training from; the rest of a run
+  (``checkpoint.pt``, ``model_final.pt``, TensorBoard logs) stays in ``runs/<method>/`` inside the model folder;
 - ``models/model.pt``: the weights as a plain state dict, checked to load strictly into the method's network. From
   ``--weights METHOD=PATH``, else the method's default checkpoint (``models/<method>.pt``, then
   ``runs/<method>/model.pt``), else a freshly initialised network (``--seed``; a warning says it is untrained).
@@ -39,15 +40,17 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from monai.transforms import MapTransform
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and str(ROOT) not in sys.path:  # python scripts/monailabel_app.py (MONAI Label imports
+    sys.path.insert(0, str(ROOT))                           # this module for RestoreInputGridd: no side effect there)
 
 from scripts import methods  # noqa: E402
 
-__all__ = ["deploy", "deploy_method", "inference_config", "train_config", "model_name", "main"]
+__all__ = ["deploy", "deploy_method", "inference_config", "train_config", "model_name", "RestoreInputGridd", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,37 @@ SKIPPED = GENERATED + ("monailabel_train.json",)
 WRITERS = ("SaveFusedd", "SaveFusedDicomd", "SaveRegistrationd")
 MODEL_PT = "$os.path.join(@bundle_root, 'models', 'model.pt')"
 MODELS_DIR = "$os.path.join(@bundle_root, 'models')"
+
+
+class RestoreInputGridd(MapTransform):
+    """Put the fused image back on the input's voxel grid for MONAI Label's ``Restored`` and writer.
+
+    ``LoadFusionPaird`` drops the singleton axis of a one-slice 3D file (a ``(rows, cols, 1, 2)`` NIfTI), so ``pred``
+    is ``(1, rows, cols)``; MONAI Label's ``Restored`` keeps such a 3-dim result as it is and its writer then stores
+    the channel as the first spatial axis (a ``(1, rows, cols)`` NIfTI, axes permuted against the input). This
+    appends the dropped singleton axes to ``pred`` again (up to the spatial rank of ``ref_key``'s affine) and sets
+    the reference's ``spatial_shape`` to match, so the answer is ``(rows, cols, 1)`` with the input's affine.
+    Inputs without a dropped axis (2D files) pass through.
+    """
+
+    def __init__(self, keys="pred", ref_key: str = "image") -> None:
+        super().__init__(keys)
+        self.ref_key = ref_key
+
+    def __call__(self, data):
+        d = dict(data)
+        ref = d.get(self.ref_key)
+        affine = getattr(ref, "affine", None)
+        if affine is None:
+            return d
+        rank = int(affine.shape[-1]) - 1
+        for key in self.key_iterator(d):
+            x = d[key]
+            while x.ndim - 1 < rank:
+                x = x[..., None]
+            d[key] = x
+            ref.meta["spatial_shape"] = np.asarray(x.shape[1:])
+        return d
 
 
 def model_name(method: str, prefix: str = "fusion_") -> str:
@@ -79,6 +113,7 @@ def inference_config(bundle_root, method: str) -> dict:
         raise ValueError("configs/inference.json: 'postprocessing' must be a Compose with a 'transforms' list.")
     post["transforms"] = [t for t in post["transforms"]
                           if str(t.get("_target_", "")).rsplit(".", 1)[-1] not in WRITERS]
+    post["transforms"].append({"_target_": "scripts.monailabel_app.RestoreInputGridd", "keys": "pred"})
     return cfg
 
 
@@ -91,6 +126,16 @@ def train_config(bundle_root, method: str) -> dict:
     if len(savers) != 1:
         raise ValueError("configs/train.json: expected one validation CheckpointSaver writing model.pt.")
     savers[0]["save_dir"] = MODELS_DIR
+    # no validation images (MONAI Label's val_split of 1-2 images, or val_split 0): the final model instead
+    cfg["train"]["handlers"].append({
+        "_target_": "CheckpointSaver",
+        "_disabled_": "$len(@validate#dataset#data) > 0",
+        "save_dir": MODELS_DIR,
+        "save_dict": {"model": "@network"},
+        "save_final": True,
+        "final_filename": "model.pt",
+        "save_interval": 0,
+    })
     for key in ("network", "run"):  # what BundleTrainTask needs: the network to load model.pt into, the run id
         if key not in cfg:
             raise ValueError(f"configs/train.json: MONAI Label training needs the key {key!r}.")
@@ -114,7 +159,7 @@ def _state_dict(method: str, weights, seed: int, bundle_root=ROOT) -> tuple[dict
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{weights}: not weights of {method}'s network ({str(e).splitlines()[0]})") from e
+        raise ValueError(f"{weights}: not weights of {method}'s network ({' '.join(str(e).split())[:300]})") from e
     return net.state_dict(), str(weights)
 
 
@@ -218,7 +263,9 @@ def main(argv=None) -> list[str]:
                        "--name monaibundle --output apps)", app)
     names = deploy(app, args.methods, _parse_weights(args.weights), fresh=args.fresh,
                    replace_weights=args.replace_weights, seed=args.seed, prefix=args.prefix)
-    print(f"--conf models {','.join(names)}")
+    print("Start the server in MONAI Label's environment (README 'MONAI Label'):\n"
+          f"  MONAI_LABEL_RELOAD_APP_LIB=false python -m monailabel.main start_server --app {app} --studies <folder> "
+          f"--conf models {','.join(names)} --conf zoo_source ngc --conf sam2 false")
     return names
 
 

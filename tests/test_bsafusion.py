@@ -380,7 +380,7 @@ def test_3d_network_every_mode_shapes_and_monai_order_ddf():
     net = BSAFusion(spatial_dims=3, **SMALL3, zero_init_fields=False).eval()
     assert net.spatial_dims == 3 and net.patch_size == 4
     assert tuple(net.classifier.pos_table.shape) == (1, 16, 4, 4, 4)  # the learned 3D token table
-    x = torch.rand(2, 2, 10, 13, 9)  # not multiples of the patch: padded and cropped back
+    x = torch.rand(2, 2, 10, 13, 9)  # not multiples of the patch: padded and cropped back (shapes below)
     with torch.no_grad():
         fused = net(x)
         full = net(x, mode="full")
@@ -394,7 +394,10 @@ def test_3d_network_every_mode_shapes_and_monai_order_ddf():
     # the public ddf is MONAI order: Warp(moving, ddf) is the aligned output; flow is its (W, H, D) flip
     from monai.networks.blocks import Warp
 
-    torch.testing.assert_close(full["aligned"], Warp("bilinear", "border")(x[:, 1:], full["ddf"]), atol=1e-5, rtol=0)
+    x8 = torch.rand(1, 2, 8, 12, 8)  # multiples of the patch: no padding, so the warp sees the same border
+    with torch.no_grad():
+        f8 = net(x8, mode="full")
+    torch.testing.assert_close(f8["aligned"], Warp("bilinear", "border")(x8[:, 1:], f8["ddf"]), atol=1e-5, rtol=0)
     assert torch.equal(train["ddf"], train["flow"].flip(1))
     assert [tuple(p.shape[1:]) for p in train["phis"][::2]] == [(3, 3, 4, 3), (3, 6, 8, 6), (3, 12, 16, 12)]
     assert train["logits_disc_fixed"].shape == (2, 2)
@@ -438,7 +441,7 @@ def test_3d_loss_terms_and_backward():
 
 def test_3d_misalignment_round_trip_and_statistics():
     truth = _smooth_volume((24, 28, 20))
-    t = RandMisalignd(sigma=4.0, translate=1.5)
+    t = RandMisalignd(sigma=4.0, magnitude=32.0, translate=1.5)  # per-axis std ~1.3 + translation
     t.set_random_state(5)
     d = t({"image": torch.cat([truth, truth])})
     u = t.field((24, 28, 20))
@@ -491,7 +494,7 @@ def test_3d_registration_path_learns_a_known_translation():
     """The 3D gradient path: overfitting one volume pair whose moving volume is shifted by 1.5 voxels along every
     axis recovers the inverse shift through MONAI Warp in 3D."""
     torch.manual_seed(0)
-    net = BSAFusion(spatial_dims=3, **SMALL3)  # 3D default: zero-initialised field heads
+    net = BSAFusion(spatial_dims=3, **SMALL3, dropout=0.0)  # 3D default: zero-initialised field heads
     loss = BSAFusionLoss(ce_weight=0, confusion_weight=0, fusion_weight=0)
     shape = (16, 16, 16)
     truth, mri = _smooth_volume(shape), _smooth_volume(shape, a=(4.0, 6.0, 5.0), phase=2.0)
@@ -499,8 +502,8 @@ def test_3d_registration_path_learns_a_known_translation():
     x, target = torch.cat([mri, moving])[None], torch.cat([mri, truth])[None]
     with torch.no_grad():
         assert float(net(x, mode="full")["ddf"].abs().max()) == 0.0
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 3e-3)
-    for _ in range(40):
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-3)
+    for _ in range(25):
         out = net(x, mode="train")
         opt.zero_grad()
         loss(out, target).backward()
@@ -510,7 +513,7 @@ def test_3d_registration_path_learns_a_known_translation():
     inner = (..., slice(3, -3), slice(3, -3), slice(3, -3))
     before = float((moving - truth).abs()[inner].mean())
     after = float((out["aligned"][0] - truth).abs()[inner].mean())
-    assert after < 0.3 * before, (before, after)
+    assert after < 0.25 * before, (before, after)
     torch.testing.assert_close(out["ddf"][0][inner].mean((1, 2, 3)), torch.full((3,), -1.5), atol=0.4, rtol=0)
 
 
@@ -534,9 +537,9 @@ def test_3d_registration_check_reports_before_and_after(tmp_path):
     torch.manual_seed(0)
     net = BSAFusion(spatial_dims=3, **SMALL3)  # zero-initialised fields: the identity
     res = evaluate_misaligned_volumes(network=net, bundle_root=BUNDLE_ROOT, dataset_dir=tmp_path, seed=3,
-                                      misalign={"sigma": 4.0}, output_json=tmp_path / "r.json", log=lambda *_: None)
+                                      misalign={"sigma": 4.0, "magnitude": 32.0}, output_json=tmp_path / "r.json", log=lambda *_: None)
     assert len(res["pairs"]) == 2 and json.loads((tmp_path / "r.json").read_text())["mean"] == res["mean"]
     for r in res["pairs"]:
         assert r["MAE_before"] > 0.005 and r["MAE"] == pytest.approx(r["MAE_before"], abs=1e-6)
         assert r["EPE"] == pytest.approx(r["EPE_before"], abs=1e-6) and r["folding"] == 0.0
-    assert res["settings"]["misalign"]["magnitude"] == 256.0 and res["settings"]["misalign"]["sigma"] == 4.0
+    assert res["settings"]["misalign"]["translate"] == 2.56 and res["settings"]["misalign"]["sigma"] == 4.0

@@ -229,3 +229,18 @@ def test_reference_values_on_real_pairs(aanlib_dir, tmp_path):
         row = rows[f"{p['pair']}_{p['id']}"]
         for m in names:
             assert float(row[m]) == pytest.approx(p["metrics"][m], rel=1e-3), (p["pair"], p["id"], m)
+
+
+def test_grey255_keeps_8bit_sources_and_stretches_float_volumes():
+    """Metric constants assume 0..255: 8-bit data is scored as stored, 0..1 floats / HU / 12-bit are stretched,
+    so a float NIfTI volume scores like its 8-bit version (3D VIF was ~17 when 0..1 data was rounded as is)."""
+    from scripts.evaluation import grey255
+
+    torch.manual_seed(0)
+    png = torch.randint(10, 200, (1, 8, 8)).float()
+    assert torch.equal(grey255(png), png)  # kept: the published evaluator's convention
+    vol = torch.rand(1, 6, 7, 8)
+    for scaled in (vol, vol * 4000 - 1000, vol * 4095):  # float 0..1, CT-like HU, 12-bit
+        out = grey255(scaled)
+        assert out.min() == 0 and out.max() == 255
+        assert torch.allclose(out, torch.round((vol - vol.min()) / (vol.max() - vol.min()) * 255), atol=1)

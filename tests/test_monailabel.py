@@ -10,12 +10,13 @@ What it checks, with one server for the module (every method deployed by ``scrip
 
 - ``/info/`` lists every method as a 2D model with the label ``fused``, and a trainer for each trainable one;
 - ``POST /infer/fusion_<method>?output=image`` with one real AANLIB CT-MRI pair (a 2-channel NIfTI, as MONAI Label
-  sends a single image) returns, for every method, a float fused image equal to the bundle's own fusion of that
-  file (``configs/inference.json`` of the model folder, same weights), not a label map;
+  sends a single image) returns, for every method, a float fused image on the input's voxel grid ((rows, cols, 1),
+  same affine) equal to the bundle's own fusion of that file (``configs/inference.json`` of the model folder, same
+  weights), not a label map;
 - training: three real AANLIB pairs and placeholder ``final`` labels uploaded through ``/datastore``,
   ``POST /train/fusion_<method>`` (1 epoch) for every trainable method finishes, replaces ``models/model.pt`` with
   different weights that load strictly into the network with ``torch.load(weights_only=True)``, and the server's
-  next ``/infer`` answer uses them.
+  next ``/infer`` answer (a second request to the same model) uses them.
 """
 
 import hashlib
@@ -60,6 +61,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# a non-trivial geometry (spacing, origin) that the answer must keep
+AFFINE = np.array([[0.9, 0, 0, -115.0], [0, 0.9, 0, -110.0], [0, 0, 3.0, 12.0], [0, 0, 0, 1]])
+
+
 def _pair_nifti(aanlib_dir: Path, pair: str, path: Path, source: str = "aligned") -> Path:
     """One AANLIB pair as MONAI Label's single ``image``: a (rows, cols, 1, 2) NIfTI, MRI then CT/PET/SPECT."""
     import nibabel as nib
@@ -69,7 +74,7 @@ def _pair_nifti(aanlib_dir: Path, pair: str, path: Path, source: str = "aligned"
     other = next(p for p in folder.glob(f"*_{source}.png"))
     mri = np.asarray(Image.open(folder / "mri.png").convert("L"), np.float32)
     oth = np.asarray(Image.open(other).convert("L"), np.float32)
-    nib.save(nib.Nifti1Image(np.stack([mri, oth], -1)[:, :, None, :], np.eye(4)), str(path))
+    nib.save(nib.Nifti1Image(np.stack([mri, oth], -1)[:, :, None, :], AFFINE), str(path))
     return path
 
 
@@ -100,7 +105,7 @@ def _reference_fusion(model_dir: Path, nifti: Path) -> np.ndarray:
     return torch.as_tensor(post(d)["pred"]).squeeze().numpy()
 
 
-def _infer(server, model: str, nifti: Path) -> tuple[np.ndarray, float]:
+def _infer(server, model: str, nifti: Path) -> tuple[np.ndarray, float, np.ndarray]:
     import nibabel as nib
     import requests
 
@@ -113,7 +118,8 @@ def _infer(server, model: str, nifti: Path) -> tuple[np.ndarray, float]:
     seconds = time.time() - t0
     out = server["root"] / f"answer_{model}.nii.gz"
     out.write_bytes(r.content)
-    return np.asarray(nib.load(str(out)).dataobj), seconds
+    answer = nib.load(str(out))
+    return np.asarray(answer.dataobj), seconds, answer.affine
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +142,8 @@ def server(tmp_path_factory, aanlib_dir):
     port = _free_port()
     log_path = root / "server.log"
     log = open(log_path, "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": ""}
+    # MONAI_LABEL_RELOAD_APP_LIB=false: keep the bundle's modules loaded between requests (README "MONAI Label")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": "", "MONAI_LABEL_RELOAD_APP_LIB": "false"}
     cmd = [str(py), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port), "--conf", "models", ",".join(models),
            "--conf", "zoo_source", "ngc", "--conf", "sam2", "false"]  # fmt: skip
@@ -186,14 +193,14 @@ def test_info_lists_every_method(server):
 @pytest.mark.parametrize("method", METHODS)
 def test_infer_every_method(server, ct_mri_pair, method):
     model = f"fusion_{method}"
-    fused, seconds = _infer(server, model, ct_mri_pair)
+    fused, seconds, affine = _infer(server, model, ct_mri_pair)
     TIMINGS[f"infer {method}"] = seconds
     assert np.issubdtype(fused.dtype, np.floating), fused.dtype  # an image, not a label map
-    fused = fused.squeeze()
-    assert fused.shape == (256, 256), fused.shape
+    assert fused.shape == (256, 256, 1), fused.shape  # the input's voxel grid (rows, cols, 1), same affine
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-4)
     assert len(np.unique(fused)) > 50 and 0.0 <= fused.min() and fused.max() <= 1.0
     ref = _reference_fusion(server["app"] / "model" / model, ct_mri_pair)
-    np.testing.assert_allclose(fused, ref, atol=1e-4)
+    np.testing.assert_allclose(fused[:, :, 0], ref, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +264,6 @@ def test_train_every_trainable_method(server, datastore, ct_mri_pair, method):
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
     assert sorted(p.name for p in (model_dir / "models").glob("*.pt")) == ["model.pt"]
 
-    if method == TRAINABLE[0]:  # the server serves the new weights (it reloads model.pt when the file changes)
-        fused, _ = _infer(server, model, ct_mri_pair)
-        np.testing.assert_allclose(fused.squeeze(), _reference_fusion(model_dir, ct_mri_pair), atol=1e-4)
+    # the server serves the new weights (it reloads model.pt when the file changes): a second request to this model
+    fused, _, _ = _infer(server, model, ct_mri_pair)
+    np.testing.assert_allclose(fused[:, :, 0], _reference_fusion(model_dir, ct_mri_pair), atol=1e-4)
