@@ -43,6 +43,12 @@ def _same_file(a: Path, b) -> bool:
         return False
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(path: str | os.PathLike, write_fn, protect: Iterable = ()) -> Path:
     """Call ``write_fn(tmp_path)`` on a temporary file in the target folder, then rename it onto ``path``.
 
@@ -59,6 +65,7 @@ def atomic_save(path: str | os.PathLike, write_fn, protect: Iterable = ()) -> Pa
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

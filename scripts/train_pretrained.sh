@@ -5,7 +5,8 @@
 # weights"). CPU schedule: the methods' default crops and batch (configs/methods/<m>.json), more epochs; on a GPU
 # add e.g. `--epochs 300 --patch_size "[256, 256]"` per method.
 #
-#   bash scripts/train_pretrained.sh [dataset_dir] [method ...]      # default: ../shared/data/aanlib, all four
+#   bash scripts/train_pretrained.sh [dataset_dir] [method ...]   # default: ../shared/data/aanlib, all four
+#   bash scripts/train_pretrained.sh ../shared/data/aanlib eval   # only the validation table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/aanlib}
@@ -32,18 +33,19 @@ EOF
 }
 
 for m in $METHODS; do
+    [ "$m" = eval ] && continue
     case $m in
         dran)       train dran --epochs 20 --learning_rate 5e-4 --val_interval 10 ;;
-        mactfusion) train mactfusion --epochs 10 --val_interval 5 ;;
-        msgfusion)  train msgfusion --epochs 20 --val_interval 10 ;;
-        bsafusion)  train bsafusion --epochs 8 --val_interval 4 \
+        mactfusion) train mactfusion --epochs 6 --val_interval 3 ;;
+        msgfusion)  train msgfusion --epochs 10 --val_interval 5 ;;
+        bsafusion)  train bsafusion --epochs 6 --val_interval 3 \
                         --network_overrides "{'zero_init_fields': True}" ;;
         *) echo "unknown method $m" >&2; exit 2 ;;
     esac
 done
 
 # validation table: baselines + shipped weights, one folder (metrics_summary.md)
-for m in average max laplacian_pyramid $METHODS; do
+for m in average max laplacian_pyramid dran mactfusion msgfusion bsafusion; do
     python -m monai.bundle run evaluating --config_file configs/evaluate.json "${COMMON[@]}" --split validation \
         --method "$m" --truth_luminance studio --output_dir "$OUT/eval"
 done

@@ -253,6 +253,9 @@ def test_save_png_atomic_and_never_onto_inputs(tmp_path):
     assert grey.shape == (32, 40) and np.abs(grey / 255.0 - fused[0].numpy().T).max() <= 0.5 / 255 + 1e-6
     assert Image.open(out["fused_files"][1]).mode == "RGB"
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(os.stat(p).st_mode & 0o777 == 0o666 & ~umask for p in out["fused_files"])  # not mkstemp's 0600
     with pytest.raises(FileExistsError, match="refusing to overwrite input"):
         fio.write_image(fused, item["source_a"], protect=[item["source_a"]])
 
