@@ -98,7 +98,8 @@ REGISTRY: dict[str, BenchEntry] = {
     "max": BenchEntry("max", overrides_3d={}),
     "laplacian_pyramid": BenchEntry("laplacian_pyramid", overrides_3d={}),
     "guided_filter": BenchEntry("guided_filter", overrides_3d={}),
-    "bsafusion": BenchEntry("bsafusion", note="2D only; fused output of the full pipeline (registration + warp)"),
+    "bsafusion": BenchEntry("bsafusion", overrides_3d={},
+                            note="fused output of the full pipeline (registration + warp); 3D: its 3D defaults"),
 }
 DEFAULT_SIZES = ["256", "512", "32x32x32"]
 QUICK_SIZES = ["64", "16x16x16"]

@@ -9,6 +9,7 @@ read and the command line can override (``--epochs 300``). Network arguments can
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def default_checkpoint(bundle_root, method: str, output_dir=None, pairs=None) ->
     candidates += [run_dir / "model.pt", run_dir / "model_final.pt"]
     for c in candidates:
         if c.is_file():
+            logging.getLogger(__name__).info("%s: weights %s%s", method, c,
+                                             " (shipped; --ckpt_path selects others)" if c.parent == models else "")
             return str(c)
     raise FileNotFoundError(
         f"no weights for method {method!r}: looked for {', '.join(map(str, candidates))}. Train first "

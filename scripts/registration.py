@@ -314,6 +314,7 @@ class SaveRegistrationd(MapTransform):
         ddf = d.get(ddf_key)
         if ddf is not None:
             ddf = torch.as_tensor(ddf).detach().float().cpu()
+            ddf = ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf  # a plain tensor: loads with weights_only
             written.append(fio.atomic_save(self.output_dir / f"{name}_ddf.pt",
                                            lambda tmp: torch.save({"ddf": ddf.clone()}, tmp), inputs))
             written.append(_save_vector_nifti(ddf, self.output_dir / f"{name}_ddf.nii.gz", affine, inputs))

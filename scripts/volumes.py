@@ -177,7 +177,8 @@ def build_network(component: dict, overrides: dict | None = None, spatial_dims: 
     2D workflows: the 2D network, as :func:`scripts.methods.build`. 3D workflows (volumes):
 
     - ``slicewise="auto"`` (default): the 2D network (fused slice by slice by :class:`VolumeInferer`) when
-      ``ckpt_path`` holds 2D weights or the method has no 3D form (BSAFusion); else the native 3D network;
+      ``ckpt_path`` holds 2D weights or the method has no 3D form; else the native 3D network (every method has
+      one, BSAFusion included: its 3D defaults come from ``spatial_dims``);
     - ``slicewise=True``: always the 2D network (slice-wise; needs 2D weights);
     - ``slicewise=False``: the native 3D network (needs 3D weights; an error for 2D-only methods).
     """

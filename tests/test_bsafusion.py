@@ -491,14 +491,15 @@ def test_3d_jacobian_folding_and_scores():
 
 
 def test_3d_registration_path_learns_a_known_translation():
-    """The 3D gradient path: overfitting one volume pair whose moving volume is shifted by 1.5 voxels along every
-    axis recovers the inverse shift through MONAI Warp in 3D."""
+    """The 3D gradient path: overfitting one volume pair whose moving volume is shifted by a different amount along
+    each axis recovers the inverse shift, component by component in MONAI order, through MONAI Warp in 3D."""
     torch.manual_seed(0)
     net = BSAFusion(spatial_dims=3, **SMALL3, dropout=0.0)  # 3D default: zero-initialised field heads
     loss = BSAFusionLoss(ce_weight=0, confusion_weight=0, fusion_weight=0)
     shape = (16, 16, 16)
     truth, mri = _smooth_volume(shape), _smooth_volume(shape, a=(4.0, 6.0, 5.0), phase=2.0)
-    moving = warp(truth, torch.full((3, *shape), 1.5))
+    shift = torch.tensor([1.5, -1.0, 0.5])  # axis 0, 1, 2
+    moving = warp(truth, shift.view(3, 1, 1, 1).expand(3, *shape))
     x, target = torch.cat([mri, moving])[None], torch.cat([mri, truth])[None]
     with torch.no_grad():
         assert float(net(x, mode="full")["ddf"].abs().max()) == 0.0
@@ -514,7 +515,7 @@ def test_3d_registration_path_learns_a_known_translation():
     before = float((moving - truth).abs()[inner].mean())
     after = float((out["aligned"][0] - truth).abs()[inner].mean())
     assert after < 0.25 * before, (before, after)
-    torch.testing.assert_close(out["ddf"][0][inner].mean((1, 2, 3)), torch.full((3,), -1.5), atol=0.4, rtol=0)
+    torch.testing.assert_close(out["ddf"][0][inner].mean((1, 2, 3)), -shift, atol=0.4, rtol=0)
 
 
 def test_3d_registration_check_reports_before_and_after(tmp_path):
@@ -537,9 +538,31 @@ def test_3d_registration_check_reports_before_and_after(tmp_path):
     torch.manual_seed(0)
     net = BSAFusion(spatial_dims=3, **SMALL3)  # zero-initialised fields: the identity
     res = evaluate_misaligned_volumes(network=net, bundle_root=BUNDLE_ROOT, dataset_dir=tmp_path, seed=3,
-                                      misalign={"sigma": 4.0, "magnitude": 32.0}, output_json=tmp_path / "r.json", log=lambda *_: None)
+                                      misalign={"sigma": 4.0, "magnitude": 32.0}, output_json=tmp_path / "r.json",
+                                      log=lambda *_: None)
     assert len(res["pairs"]) == 2 and json.loads((tmp_path / "r.json").read_text())["mean"] == res["mean"]
     for r in res["pairs"]:
         assert r["MAE_before"] > 0.005 and r["MAE"] == pytest.approx(r["MAE_before"], abs=1e-6)
         assert r["EPE"] == pytest.approx(r["EPE_before"], abs=1e-6) and r["folding"] == 0.0
     assert res["settings"]["misalign"]["translate"] == 2.56 and res["settings"]["misalign"]["sigma"] == 4.0
+
+
+def test_3d_registration_outputs_are_saved(tmp_path):
+    """A native 3D run's outputs (MetaTensors from the inferer): aligned NIfTI, 3-component vector NIfTI on the MRI
+    affine, and a ddf.pt that loads with weights_only=True; no grid picture for volumes."""
+    import nibabel as nib
+    from monai.data import MetaTensor
+
+    aff = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    src = tmp_path / "mr.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(6, 7, 5).astype(np.float32), aff.numpy()), src)
+    ref = MetaTensor(torch.rand(1, 6, 7, 5), affine=aff, meta={"filename_or_obj": str(src)})
+    ddf = MetaTensor(torch.randn(3, 6, 7, 5), affine=aff)
+    d = SaveRegistrationd(output_dir=tmp_path / "out")({"aligned": MetaTensor(torch.rand(1, 6, 7, 5), affine=aff),
+                                                        "ddf": ddf, "source_a": ref, "name": "v"})
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["v_aligned.nii.gz", "v_ddf.nii.gz", "v_ddf.pt"] and len(d["registration_files"]) == 3
+    loaded = torch.load(tmp_path / "out" / "v_ddf.pt", weights_only=True)["ddf"]
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, ddf.as_tensor())
+    nii = nib.load(tmp_path / "out" / "v_ddf.nii.gz")
+    assert nii.shape == (6, 7, 5, 1, 3) and np.allclose(nii.affine, aff.numpy())

@@ -53,7 +53,7 @@ LEVELS = 5
 DEFAULTS = {
     2: dict(hidden_size=256, patch_size=16, pos_size=256, reg_channels=(256, 64, 32, 16, 8, 1),
             fusion_channels=(64, 32, 16, 12), zero_init_fields=False),
-    3: dict(hidden_size=64, patch_size=8, pos_size=32, reg_channels=(64, 32, 16, 8, 1),
+    3: dict(hidden_size=64, patch_size=8, pos_size=None, reg_channels=(64, 32, 16, 8, 1),  # pos: 4 * patch
             fusion_channels=(32, 16, 12), zero_init_fields=True),
 }
 
@@ -400,7 +400,7 @@ class BSAFusion(nn.Module):
             patch_size = 2 ** (len(reg_channels) - 2) if len(reg_channels) >= 2 else dflt["patch_size"]
         fusion_channels = tuple(dflt["fusion_channels"] if fusion_channels is None else fusion_channels)
         if pos_size is None:
-            pos_size = dflt["pos_size"] if spatial_dims == 2 else 4 * patch_size
+            pos_size = dflt["pos_size"] or 4 * patch_size
         if zero_init_fields is None:
             zero_init_fields = dflt["zero_init_fields"]
         if reg_channels[0] != hidden_size:
