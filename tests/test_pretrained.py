@@ -21,9 +21,9 @@ PAIRS = {"CT-MRI": "003", "PET-MRI": "002", "SPECT-MRI": "002"}
 # minimum SSIM (MONAI SSIMMetric, data range 1) of the fused image to the MRI and to the other source
 SSIM_FLOOR = {
     "dran": (0.30, 0.33),  # measured 0.397 / 0.429
-    "mactfusion": (0.0, 0.0),
+    "mactfusion": (0.48, 0.35),  # measured 0.577 / 0.448
     "msgfusion": (0.13, 0.14),  # measured 0.228 / 0.240
-    "bsafusion": (0.0, 0.0),
+    "bsafusion": (0.15, 0.12),  # measured 0.250 / 0.211 (fuses the deformed moving image)
 }
 
 
@@ -63,11 +63,13 @@ def test_shipped_weights_fuse_real_pairs(method, aanlib_dir, tmp_path):
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0)
     floor_a, floor_b = SSIM_FLOOR[method]
     for item in parser.get_parsed_content("datalist"):
-        x = torch.as_tensor(pre(item)["image"]).float()[None]
+        x = torch.as_tensor(pre(item)["image"]).float().as_subclass(torch.Tensor)[None]
         with torch.inference_mode():
-            fused = net(x)
-        assert fused.shape == (1, 1, 256, 256), item["name"]
-        assert torch.isfinite(fused).all() and fused.min() >= 0 and fused.max() <= 1, item["name"]
+            raw = torch.as_tensor(net(x)).float()
+        assert raw.shape == (1, 1, 256, 256), item["name"]
+        # the workflows clamp to [0, 1]; a sane network is close to that range already
+        assert torch.isfinite(raw).all() and raw.min() > -1 and raw.max() < 2, (item["name"], raw.aminmax())
+        fused = raw.clamp(0, 1)
         assert fused.std() > 0.05, f"{item['name']}: nearly constant output"
         s_a, s_b = (float(ssim(fused, x[:, i : i + 1])) for i in (0, 1))
         assert s_a > floor_a and s_b > floor_b, f"{method} {item['name']}: SSIM {s_a:.3f} / {s_b:.3f}"
