@@ -71,6 +71,15 @@ def trained(tiny, tmp_path_factory):
     return out
 
 
+def test_documented_run_ids_exist():
+    """The commands users type: `run training` (train.json), `run inference` (inference.json), `run evaluating`
+    (evaluate.json); MONAI Label runs `run`. Each pair must be the same list (one a `%` reference to the other)."""
+    for name, alias in (("train.json", "training"), ("inference.json", "inference"), ("evaluate.json", "evaluating")):
+        cfg = json.loads((CONFIGS / name).read_text())
+        assert (cfg[alias] == "%run" and isinstance(cfg["run"], list)) or (
+            cfg["run"] == f"%{alias}" and isinstance(cfg[alias], list)), name
+
+
 def test_metadata_single_source_of_truth():
     top, inner = BUNDLE_ROOT / "metadata.json", CONFIGS / "metadata.json"
     assert json.loads(top.read_text()) == json.loads(inner.read_text())
