@@ -31,7 +31,6 @@ each task config for each input and seed, and writes ``runs/downstream/{segmenta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -236,10 +235,9 @@ def _binarise(y_pred: torch.Tensor, logits: bool) -> torch.Tensor:
     return (y_pred > 0).float() if logits else (y_pred > 0.5).float()
 
 
-class PooledDiceMetric(CumulativeIterationMetric):
-    """Dice of all pixels of all images together: 2 TP / (2 TP + FP + FN); empty slices count their false positives.
-
-    ``y_pred``: logits (``logits=True``) or probabilities, (B, 1, *S); ``y``: binary masks."""
+class _BinaryMetric(CumulativeIterationMetric):
+    """Shared plumbing: ``y_pred`` logits (``logits=True``) or probabilities, (B, 1, *S), ``y`` binary masks;
+    subclasses compute one row per image from the binarised prediction ``p`` and mask ``t``."""
 
     def __init__(self, logits: bool = True) -> None:
         super().__init__()
@@ -247,53 +245,50 @@ class PooledDiceMetric(CumulativeIterationMetric):
 
     def _compute_tensor(self, y_pred, y=None, **kwargs):
         p, t = _binarise(y_pred.float(), self.logits), (y.float() > 0.5).float()
-        dims = tuple(range(1, p.ndim))
+        return self._rows(p, t, tuple(range(1, p.ndim)))
+
+    def _rows(self, p, t, dims):
+        raise NotImplementedError
+
+    def _nanmean(self):
+        """Mean of the buffer's non-nan values (images the metric does not apply to are nan); nan if none."""
+        v = self.get_buffer().flatten()
+        v = v[~torch.isnan(v)]
+        return torch.tensor(float(v.mean()) if v.numel() else float("nan"))
+
+
+class PooledDiceMetric(_BinaryMetric):
+    """Dice of all pixels of all images together: 2 TP / (2 TP + FP + FN); empty slices count their false positives."""
+
+    def _rows(self, p, t, dims):
         tp, fp, fn = (p * t).sum(dims), (p * (1 - t)).sum(dims), ((1 - p) * t).sum(dims)
         return torch.stack([tp, fp, fn], 1)
 
     def aggregate(self):
-        buf = self.get_buffer()
-        tp, fp, fn = (float(v) for v in buf.sum(0))
+        tp, fp, fn = (float(v) for v in self.get_buffer().sum(0))
         return torch.tensor(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0)
 
 
-class SliceDiceMetric(CumulativeIterationMetric):
+class SliceDiceMetric(_BinaryMetric):
     """Mean per-slice Dice over the slices whose ground truth has a lesion (empty slices are left out)."""
 
-    def __init__(self, logits: bool = True) -> None:
-        super().__init__()
-        self.logits = logits
-
-    def _compute_tensor(self, y_pred, y=None, **kwargs):
-        p, t = _binarise(y_pred.float(), self.logits), (y.float() > 0.5).float()
-        dims = tuple(range(1, p.ndim))
-        inter, total = (p * t).sum(dims), p.sum(dims) + t.sum(dims)
-        dice = 2 * inter / total.clamp(min=1e-8)
+    def _rows(self, p, t, dims):
+        dice = 2 * (p * t).sum(dims) / (p.sum(dims) + t.sum(dims)).clamp(min=1e-8)
         return torch.where(t.sum(dims) > 0, dice, torch.full_like(dice, float("nan")))[:, None]
 
     def aggregate(self):
-        v = self.get_buffer().flatten()
-        v = v[~torch.isnan(v)]
-        return torch.tensor(float(v.mean()) if v.numel() else float("nan"))
+        return self._nanmean()
 
 
-class EmptySliceFPMetric(CumulativeIterationMetric):
+class EmptySliceFPMetric(_BinaryMetric):
     """Fraction of lesion-free slices on which the segmenter predicts any lesion pixel."""
 
-    def __init__(self, logits: bool = True) -> None:
-        super().__init__()
-        self.logits = logits
-
-    def _compute_tensor(self, y_pred, y=None, **kwargs):
-        p, t = _binarise(y_pred.float(), self.logits), (y.float() > 0.5).float()
-        dims = tuple(range(1, p.ndim))
+    def _rows(self, p, t, dims):
         fp = (p.sum(dims) > 0).float()
         return torch.where(t.sum(dims) == 0, fp, torch.full_like(fp, float("nan")))[:, None]
 
     def aggregate(self):
-        v = self.get_buffer().flatten()
-        v = v[~torch.isnan(v)]
-        return torch.tensor(float(v.mean()) if v.numel() else float("nan"))
+        return self._nanmean()
 
 
 def roc_auc(scores, labels) -> float:
@@ -355,7 +350,7 @@ def record(results_dir, task: str, row: Mapping, metrics: Mapping | None = None)
     the same input, pair and seed; rewrite ``<task>.md`` (mean ± population std over seeds per input). Returns the
     CSV path. Runs in several processes may share one folder (a lock file serialises them; files are replaced by
     rename)."""
-    from scripts.io import ensure_writable_dir
+    from scripts.io import ensure_writable_dir, file_lock
 
     if task not in TASK_COLUMNS:
         raise ValueError(f"task must be one of {tuple(TASK_COLUMNS)}, got {task!r}.")
@@ -364,24 +359,8 @@ def record(results_dir, task: str, row: Mapping, metrics: Mapping | None = None)
     for k in TASK_COLUMNS[task]:
         row.setdefault(k, float("nan"))
     path = results_dir / f"{task}.csv"
-    with _locked(results_dir / f".{task}.lock"):
+    with file_lock(results_dir / f".{task}.lock"):
         return _record(results_dir, path, task, row)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Exclusive lock across processes (drivers for several inputs may share one results folder)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _record(results_dir: Path, path: Path, task: str, row: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["safe_name", "output_extension", "atomic_save", "write_image", "save_state_dict", "ensure_writable_dir"]
+__all__ = ["safe_name", "output_extension", "atomic_save", "file_lock", "write_image", "save_state_dict",
+           "ensure_writable_dir"]
 
 PNG_LIKE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -41,6 +43,23 @@ def _same_file(a: Path, b) -> bool:
         return b is not None and Path(b).exists() and a.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """Exclusive inter-process lock on ``path`` (POSIX ``flock``; released by the OS if the holder dies).
+    Without ``fcntl`` (non-POSIX) it does nothing: callers rely on atomic renames alone there."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _umask() -> int:

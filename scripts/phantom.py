@@ -58,7 +58,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
@@ -74,6 +73,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from scripts.io import file_lock
 
 __all__ = [
     "VERSION",
@@ -136,22 +137,6 @@ def _is_valid(root: Path, params: dict) -> bool:
     return bool(meta) and meta.get("version") == VERSION and meta.get("params") == params
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Exclusive inter-process lock (POSIX ``flock``; released by the OS if the holder dies)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: rely on the atomic directory swap only
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_phantom_dataset(
     root,
     seed: int = 0,
@@ -179,7 +164,7 @@ def ensure_phantom_dataset(
     if not force and _is_valid(root, params):
         return str(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root.parent / (root.name + ".lock")):
+    with file_lock(root.parent / (root.name + ".lock")):
         if not force and _is_valid(root, params):  # another process generated it while we waited
             return str(root)
         if root.exists() and any(root.iterdir()) and _read_meta(root) is None:

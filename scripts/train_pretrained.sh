@@ -23,11 +23,11 @@ train() {  # method, extra overrides...
     # weights only, float16 storage (halves BSAFusion to ~20 MB); loads into the float32 network unchanged
     python - "$OUT/$m/model.pt" "models/$m.pt" <<'EOF'
 import sys, torch
-from scripts.io import atomic_save
+from scripts.io import save_state_dict
 sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
 sd = sd.get("model", sd)
 sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
-atomic_save(sys.argv[2], lambda tmp: torch.save(sd, tmp))
+save_state_dict(sd, sys.argv[2])
 print(f"wrote {sys.argv[2]} ({sum(v.numel() for v in sd.values()):,} values)")
 EOF
 }

@@ -211,7 +211,7 @@ class LoadFusionPaird(MapTransform):
         while img.ndim - 1 > self.spatial_dims and img.shape[-1] == 1:
             img, squeezed = img[..., 0], True
         if squeezed and isinstance(img, MetaTensor):
-            # MONAI Label's Restored resizes the prediction to meta["spatial_shape"]: keep it the squeezed shape
+            # keep the metadata's shape in step with the tensor (consumers such as MONAI's Restored resize to it)
             img.meta["spatial_shape"] = np.asarray(img.shape[1:])
         if img.ndim - 1 != self.spatial_dims:
             raise FusionDataError(

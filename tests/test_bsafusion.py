@@ -341,27 +341,33 @@ def test_workflows_train_infer_evaluate_registration(tmp_path, aanlib_dir):
     assert all(r["aligned_b"].endswith("ct_aligned.png") and r["source_b"].endswith("ct_moving.png") for r in rows)
 
 
-def test_registration_path_learns_a_known_translation():
-    """The supervised alignment loss reaches the field through MONAI Warp: overfitting one pair whose moving
-    image is shifted by 1.5 px recovers the inverse shift."""
-    torch.manual_seed(0)
-    net = BSAFusion(**SMALL, zero_init_fields=True)
+def _overfit_alignment(net, mri, moving, truth, steps: int) -> dict:
+    """Adam (1e-3) on the supervised alignment + smoothness terms only, for one (mri, moving) pair whose aligned
+    moving image is ``truth``; starts from the identity field (zero-initialised heads); returns the full output."""
     loss = BSAFusionLoss(ce_weight=0, confusion_weight=0, fusion_weight=0)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
-    truth = (torch.sin(9 * xx) * torch.cos(7 * yy) * 0.5 + 0.5)[None]
-    mri = (torch.cos(5 * xx + 1) * torch.sin(8 * yy) * 0.5 + 0.5)[None]
-    moving = warp(truth, torch.full((2, 32, 32), 1.5))
     x, target = torch.cat([mri, moving])[None], torch.cat([mri, truth])[None]
     with torch.no_grad():
         assert float(net(x, mode="full")["ddf"].abs().max()) == 0.0  # zero-initialised heads: identity
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-3)
-    for _ in range(60):
+    for _ in range(steps):
         out = net(x, mode="train")
         opt.zero_grad()
         loss(out, target).backward()
         opt.step()
     with torch.no_grad():
-        out = net(x, mode="full")
+        return net(x, mode="full")
+
+
+def test_registration_path_learns_a_known_translation():
+    """The supervised alignment loss reaches the field through MONAI Warp: overfitting one pair whose moving
+    image is shifted by 1.5 px recovers the inverse shift."""
+    torch.manual_seed(0)
+    net = BSAFusion(**SMALL, zero_init_fields=True)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    truth = (torch.sin(9 * xx) * torch.cos(7 * yy) * 0.5 + 0.5)[None]
+    mri = (torch.cos(5 * xx + 1) * torch.sin(8 * yy) * 0.5 + 0.5)[None]
+    moving = warp(truth, torch.full((2, 32, 32), 1.5))
+    out = _overfit_alignment(net, mri, moving, truth, steps=60)
     inner = (..., slice(4, -4), slice(4, -4))
     before = float((moving - truth).abs()[inner].mean())
     after = float((out["aligned"][0] - truth).abs()[inner].mean())
@@ -495,22 +501,11 @@ def test_3d_registration_path_learns_a_known_translation():
     each axis recovers the inverse shift, component by component in MONAI order, through MONAI Warp in 3D."""
     torch.manual_seed(0)
     net = BSAFusion(spatial_dims=3, **SMALL3, dropout=0.0)  # 3D default: zero-initialised field heads
-    loss = BSAFusionLoss(ce_weight=0, confusion_weight=0, fusion_weight=0)
     shape = (16, 16, 16)
     truth, mri = _smooth_volume(shape), _smooth_volume(shape, a=(4.0, 6.0, 5.0), phase=2.0)
     shift = torch.tensor([1.5, -1.0, 0.5])  # axis 0, 1, 2
     moving = warp(truth, shift.view(3, 1, 1, 1).expand(3, *shape))
-    x, target = torch.cat([mri, moving])[None], torch.cat([mri, truth])[None]
-    with torch.no_grad():
-        assert float(net(x, mode="full")["ddf"].abs().max()) == 0.0
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-3)
-    for _ in range(25):
-        out = net(x, mode="train")
-        opt.zero_grad()
-        loss(out, target).backward()
-        opt.step()
-    with torch.no_grad():
-        out = net(x, mode="full")
+    out = _overfit_alignment(net, mri, moving, truth, steps=25)
     inner = (..., slice(3, -3), slice(3, -3), slice(3, -3))
     before = float((moving - truth).abs()[inner].mean())
     after = float((out["aligned"][0] - truth).abs()[inner].mean())
