@@ -308,7 +308,13 @@ class BSAFusionLoss(nn.Module):
       (1 in the first), updated by :meth:`epoch_completed` (``scripts.engine.EpochHooks`` calls it);
     - ``reg`` = (1-SSIM(I_m*, W)) + |I_m* - W|: supervised alignment to the ground truth;
     - ``mi`` (weight 0 by default) = MONAI :class:`~monai.losses.GlobalMutualInformationLoss` between ``I_f``
-      and ``W``, for data without a ground truth (then set ``reg_weight`` to 0).
+      and ``W``, for data without a ground truth (then set ``reg_weight`` to 0);
+    - ``field`` (weight 0 by default; not in the official recipe) = mean end-point error (pixels) between the
+      predicted pull field ``ddf`` and the true one, when ``target`` carries it as extra channels
+      (B, 2 + N, *S): [fixed, aligned moving, N field components in MONAI order], as stored by
+      :class:`~scripts.registration.RandMisalignd` (``ddf_gt``) and appended to the label in training. The image
+      terms give the field a weak signal wherever the moving image is flat; the true field of a synthetic
+      misalignment is a dense one, which is what lets short (CPU) schedules learn to register.
 
     2D or 3D (from the input, for the 3D network ``BSAFusion(spatial_dims=3)``): 3D SSIM (11^3 Gaussian window,
     volumes need >= 11 voxels per side), 3 Sobel directions in ``G``, DiffusionLoss over 3-component fields
@@ -320,14 +326,14 @@ class BSAFusionLoss(nn.Module):
 
     def __init__(self, ce_weight: float = 1.0, confusion_weight: float = 1.0, smooth_weight: float = 1.0,
                  fusion_weight: float = 1.0, reg_weight: float = 1.0, mi_weight: float = 0.0,
-                 smooth_schedule: str = "intended", adaptive_lambda: bool = True) -> None:
+                 smooth_schedule: str = "intended", adaptive_lambda: bool = True, field_weight: float = 0.0) -> None:
         super().__init__()
         from monai.losses import DiffusionLoss, GlobalMutualInformationLoss, SSIMLoss
 
         if smooth_schedule not in ("intended", "official"):
             raise ValueError(f"smooth_schedule must be 'intended' or 'official', got {smooth_schedule!r}")
         self.weights = dict(ce=ce_weight, confusion=confusion_weight, smooth=smooth_weight, fusion=fusion_weight,
-                            reg=reg_weight, mi=mi_weight)
+                            reg=reg_weight, mi=mi_weight, field=field_weight)
         self.level_weights = self.OFFICIAL_SMOOTH if smooth_schedule == "official" else self.INTENDED_SMOOTH
         self.adaptive_lambda = adaptive_lambda
         self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0)
@@ -351,9 +357,13 @@ class BSAFusionLoss(nn.Module):
         if not isinstance(pred, dict) or "warped_border" not in pred:
             raise ValueError("BSAFusionLoss needs the network's mode='train' output (a dict with the fields, "
                              "logits and warped moving image); train with scripts.engine.FusionInferer(mode='train').")
-        if target.ndim not in (4, 5) or target.shape[1] < 2 or target.ndim != pred["fused"].ndim:
-            raise ValueError(f"target must be (B, 2, H, W) or (B, 2, D, H, W) [fixed, aligned moving] like the "
-                             f"prediction, got {tuple(target.shape)}")
+        dims = pred["fused"].ndim - 2
+        if target.ndim != pred["fused"].ndim or target.shape[1] not in (2, 2 + dims):
+            raise ValueError(f"target must be (B, 2, *S) [fixed, aligned moving] or (B, {2 + dims}, *S) with the "
+                             f"true pull field appended, like the {dims}D prediction; got {tuple(target.shape)}")
+        if self.weights["field"] and target.shape[1] != 2 + dims:
+            raise ValueError(f"field_weight > 0 needs the true field in the target (B, {2 + dims}, *S), e.g. "
+                             f"RandMisalignd's 'ddf_gt' concatenated to the label; got {tuple(target.shape)}")
         fused, warped = pred["fused"].float(), pred["warped_border"].float()
         fixed, truth = target[:, :1].float(), target[:, 1:2].float()
         n = fused.shape[0]
@@ -376,6 +386,8 @@ class BSAFusionLoss(nn.Module):
                "reg": self._ssim(truth, warped) + F.l1_loss(warped, truth)}
         if self.mi is not None:
             out["mi"] = self.mi(warped, fixed)
+        if target.shape[1] == 2 + dims:
+            out["field"] = torch.linalg.vector_norm(pred["ddf"].float() - target[:, 2:].float(), dim=1).mean()
         return out
 
     def forward(self, pred: dict, target: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,49 @@ def test_fuse_shapes_any_size(small_net, h, w):
     assert "aligned_official" in full
 
 
+def test_fast_path_matches_reference_forward_and_gradients():
+    """The default channels-last forward (``set_fast(net, True)``) reorders memory, not arithmetic: every output
+    and every parameter gradient equals the plain NCHW reference path's within float rounding; switching paths
+    changes the convolution weights' layout only, never the state dict's values. (2D only: CPU conv3d returns
+    NCDHW whatever its input's layout, so 3D runs the reference path.)"""
+    import copy
+
+    from scripts.networks.blocks import set_fast
+
+    torch.manual_seed(0)
+    ref = set_fast(BSAFusion(**SMALL), False)
+    fast = set_fast(copy.deepcopy(ref), True)
+    x = _pair(2, 37, 53)
+    outs, grads = [], []
+    for net in (ref, fast):
+        net.train()
+        torch.manual_seed(1)  # same dropout masks
+        out = net(x, mode="train")
+        target = torch.cat([x[:, :1], x[:, 1:].flip(-1)], 1)
+        BSAFusionLoss(adaptive_lambda=False)(out, target).backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    layout = torch.channels_last
+    assert fast.encoder_shallow.proj.weight.is_contiguous(memory_format=layout)
+    assert ref.encoder_shallow.proj.weight.is_contiguous()
+    seen = []  # the path really runs channels-last: a decoder convolution's output
+    hook = fast.fusion.stages[-1].ffn_out.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(
+        memory_format=layout)))
+    fast(x, mode="fuse")
+    hook.remove()
+    assert seen == [True]
+    for key in ("fused", "aligned", "ddf", "logits_fixed", "logits_moving"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], atol=1e-5, rtol=1e-4, msg=key)
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 100
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-4, rtol=1e-3, msg=name)
+    for (k, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), k
+    set_fast(fast, False)
+    fast(x, mode="fuse")
+    assert fast.encoder_shallow.proj.weight.is_contiguous()  # back to NCHW for the reference path
+
+
 def test_aligned_output_is_monai_warp_of_moving_by_ddf(small_net):
     from monai.networks.blocks import Warp
 
@@ -169,6 +212,25 @@ def test_loss_terms_gradients_and_adaptive_lambda(small_net):
     loss.epoch_completed()
     assert float(loss.fusion_lambda) != 1.0 and 0 < float(loss.fusion_lambda) < 10
     assert float(loss._sums.abs().sum()) == 0
+
+
+def test_loss_field_term_is_end_point_error_of_appended_true_field(small_net):
+    torch.manual_seed(0)
+    x = _pair(2, 32, 32)
+    out = _train_out(small_net, x)
+    truth = torch.randn(2, 2, 32, 32)
+    target = torch.cat([x, truth], 1)  # [fixed, aligned moving, true field (row, column)]
+    terms = BSAFusionLoss().terms(out, target)
+    expected = (out["ddf"] - truth).pow(2).sum(1).sqrt().mean()
+    torch.testing.assert_close(terms["field"], expected)
+    off, on = BSAFusionLoss(), BSAFusionLoss(field_weight=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(on(out, target) - off(out, target), 0.5 * expected)
+        torch.testing.assert_close(off(out, target), off(out, x))  # weight 0: the field is carried, not scored
+    with pytest.raises(ValueError, match="field_weight > 0 needs the true field"):
+        on(out, x)
+    with pytest.raises(ValueError, match=r"target must be \(B, 2, \*S\)"):
+        off(out, torch.cat([x, truth[:, :1]], 1))
 
 
 def test_smoothness_schedules_official_ignores_fine_levels():
@@ -298,7 +360,10 @@ def test_workflows_train_infer_evaluate_registration(tmp_path, aanlib_dir):
     wf = _workflow("train", str(CONFIGS / "train.json"), method="bsafusion", dataset_dir=str(data),
                    output_dir=str(run), epochs=1, batch_size=2, patch_size=[32, 32], network_overrides=small)
     wf.initialize()
-    assert isinstance(wf.parser.get_parsed_content("train#preprocessing").transforms[-1], RandMisalignd)
+    # the moving channel is misaligned on the fly, and the label carries the true field (for field_weight)
+    assert isinstance(wf.parser.get_parsed_content("train#preprocessing").transforms[-2], RandMisalignd)
+    sample = wf.parser.get_parsed_content("train#dataset")[0]
+    assert sample["label"].shape == (4, 32, 32) and torch.equal(sample["label"][2:], sample["ddf_gt"])
     wf.run()
     wf.finalize()
     ckpt = run / "model_final.pt"
