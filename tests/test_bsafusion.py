@@ -64,7 +64,8 @@ def test_fast_path_matches_reference_forward_and_gradients():
     from scripts.networks.blocks import set_fast
 
     torch.manual_seed(0)
-    ref = set_fast(BSAFusion(**SMALL), False)
+    ref = BSAFusion(**SMALL, fast=False)
+    assert not any(getattr(m, "fast", False) for m in ref.modules())
     fast = set_fast(copy.deepcopy(ref), True)
     x = _pair(2, 37, 53)
     outs, grads = [], []

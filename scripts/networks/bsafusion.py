@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock, Warp
 
-from .blocks import channels_last
+from .blocks import channels_last, set_fast
 
 __all__ = ["BSAFusion", "RestormerLayer", "FieldWarp", "compose_fields"]
 
@@ -419,12 +419,16 @@ class BSAFusion(nn.Module):
         zero_init_fields: initialise the field heads to zero, so training starts from the identity mapping
             (a training choice, not the official init; converted weights overwrite it anyway). ``None``: False in
             2D (official init), True in 3D (no official 3D init exists; CPU-length runs start from the identity).
+        fast: ``True`` (default): the optimised 2D forward (channels-last maps and weights, layout-keeping norms
+            and attention; same outputs within float rounding); ``False``: the plain NCHW reference forward.
+            Switchable later with :func:`scripts.networks.blocks.set_fast`. 3D always runs the reference path.
     """
 
     def __init__(self, spatial_dims: int = 2, hidden_size: int | None = None, num_heads: int = 4,
                  patch_size: int | None = None, depth: int = 2, pos_size: int | None = None, reg_channels=None,
                  fusion_channels=None, shallow_channels: int = 8, official_warp: bool = True,
-                 token_shift: bool = True, dropout: float = 0.1, zero_init_fields: bool | None = None) -> None:
+                 token_shift: bool = True, dropout: float = 0.1, zero_init_fields: bool | None = None,
+                 fast: bool = True) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -467,8 +471,9 @@ class BSAFusion(nn.Module):
                 nn.init.zeros_(step.flow.bias)
         self.image_warp = FieldWarp(official_warp)
         self.border_warp = FieldWarp(official=False)
-        self.fast = True  # ``scripts.networks.blocks.set_fast``: False = the plain (NCHW) reference forward
         self._layout = torch.contiguous_format
+        self.fast = fast
+        set_fast(self, fast)  # the submodules' paths too
 
     def _sync_layout(self) -> None:
         """Keep the convolution weights in the layout of the path in use (channels-last for ``fast``): oneDNN
