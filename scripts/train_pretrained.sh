@@ -35,7 +35,7 @@ EOF
 for m in $METHODS; do
     [ "$m" = eval ] && continue
     case $m in
-        dran)       train dran --epochs 20 --learning_rate 5e-4 --val_interval 10 ;;
+        dran)       train dran --epochs 80 --learning_rate 5e-4 --val_interval 20 ;;
         mactfusion) train mactfusion --epochs 6 --val_interval 3 ;;
         msgfusion)  train msgfusion --epochs 10 --val_interval 5 ;;
         bsafusion)  train bsafusion --epochs 4 --val_interval 2 \
