@@ -313,8 +313,8 @@ class BSAFusionLoss(nn.Module):
       predicted pull field ``ddf`` and the true one, when ``target`` carries it as extra channels
       (B, 2 + N, *S): [fixed, aligned moving, N field components in MONAI order], as stored by
       :class:`~scripts.registration.RandMisalignd` (``ddf_gt``) and appended to the label in training. The image
-      terms give the field a weak signal wherever the moving image is flat; the true field of a synthetic
-      misalignment is a dense one, which is what lets short (CPU) schedules learn to register.
+      terms give the field a weak signal wherever the moving image is flat; the true field is a dense one (measured
+      on CPU-length schedules it did not yet make the network register: see the model card).
 
     2D or 3D (from the input, for the 3D network ``BSAFusion(spatial_dims=3)``): 3D SSIM (11^3 Gaussian window,
     volumes need >= 11 voxels per side), 3 Sobel directions in ``G``, DiffusionLoss over 3-component fields
