@@ -25,7 +25,7 @@ from scripts.transforms import FusionDataError
 __all__ = [
     "FusionInferer", "SourceMeanMetric", "ProgressBar", "EpochHooks", "TrainingState", "WeightsLoader",
     "CheckpointError", "SkipBadPairs", "GuardedTransform", "capture_rng", "restore_rng", "as_bool",
-    "raise_if_interrupted", "training_state_of",
+    "raise_if_interrupted", "training_state_of", "lr_scheduler",
 ]
 
 
@@ -133,6 +133,22 @@ def as_bool(value) -> bool:
             return False
         raise ValueError(f"expected true or false, got {value!r}.")
     return bool(value)
+
+
+def lr_scheduler(optimizer, schedule: str = "constant", epochs: int = 1, final_ratio: float = 0.01):
+    """The epoch-level learning-rate schedule of ``configs/train.json`` (``--lr_schedule``), stepped by MONAI's
+    ``LrScheduleHandler`` and saved / restored with the training state.
+
+    ``"constant"`` (default: the shipped recipes); ``"cosine"``: cosine annealing from the optimizer's rate to
+    ``final_ratio`` x that rate over ``epochs`` (the official BSAFusion schedule is cosine 5e-5 -> 5e-7). On a resume
+    the schedule continues with the length it was started with.
+    """
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if schedule == "cosine":
+        lr = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(epochs), 1), eta_min=lr * final_ratio)
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}.")
 
 
 def _unwrap(module):

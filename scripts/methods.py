@@ -76,6 +76,26 @@ def default_checkpoint(bundle_root, method: str, output_dir=None, pairs=None) ->
     )
 
 
+def initial_checkpoint(bundle_root, method: str, init_ckpt=None, pairs=None) -> str | None:
+    """Weights a training run starts from (``--init_ckpt``; fine-tuning): ``None`` (random initialisation),
+    ``"shipped"`` (the shipped ``models/<method>[_<pair>].pt`` that inference would pick) or a weights file
+    (a shipped-style state dict or a run's ``model.pt``). The optimizer and epoch start fresh, unlike ``--resume``."""
+    if init_ckpt in (None, "", "None", "null"):
+        return None
+    if str(init_ckpt) == "shipped":
+        models = Path(bundle_root) / "models"
+        candidates = [models / f"{method}_{pairs[0]}.pt"] if pairs and len(pairs) == 1 else []
+        candidates.append(models / f"{method}.pt")
+        for c in candidates:
+            if c.is_file():
+                return str(c)
+        raise FileNotFoundError(f"--init_ckpt shipped: no shipped weights for {method!r} "
+                                f"(looked for {', '.join(map(str, candidates))}).")
+    if not Path(str(init_ckpt)).is_file():
+        raise FileNotFoundError(f"{init_ckpt}: weights to start training from not found (--init_ckpt).")
+    return str(init_ckpt)
+
+
 def require_trainable(method_config: dict) -> None:
     """Fail before any data is touched when training a method that has nothing to train (a baseline)."""
     if not method_config.get("trainable", True):

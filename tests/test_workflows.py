@@ -101,6 +101,46 @@ def test_training_writes_loadable_checkpoints(trained):
     assert any((trained / "logs").iterdir()), "TensorBoard events expected"
 
 
+def test_fine_tuning_starts_from_init_ckpt_with_a_cosine_schedule(trained, tiny, tmp_path):
+    """--init_ckpt loads weights before the first step (fresh optimizer); at learning rate 0 the run's final weights
+    are exactly the initial ones (BatchNorm running statistics aside). The cosine schedule is stepped per
+    epoch and saved in the training state."""
+    init = torch.load(trained / "model_final.pt", map_location="cpu", weights_only=True)
+    init = {k: v.half() if v.is_floating_point() else v for k, v in init.items()}  # shipped-style fp16 file
+    torch.save(init, tmp_path / "init.pt")
+    wf = _workflow("train", str(CONFIGS / "train.json"), dataset_dir=str(tiny), output_dir=str(tmp_path / "run"),
+                   epochs=2, batch_size=2, patch_size=[32, 32], network_overrides=TINY_NET, learning_rate=0.0,
+                   init_ckpt=str(tmp_path / "init.pt"), lr_schedule="cosine")
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    final = torch.load(tmp_path / "run" / "model_final.pt", map_location="cpu", weights_only=True)
+    learned = [k for k in init if "running_" not in k and "num_batches" not in k]
+    assert len(learned) > 10
+    for k in learned:
+        assert torch.equal(final[k].half(), init[k]), k
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    sched = next(v for k, v in state.items() if k.startswith("lr_scheduler"))
+    assert sched["last_epoch"] == 2 and sched["T_max"] == 2
+
+    from scripts.engine import lr_scheduler
+    from scripts.methods import initial_checkpoint
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sch = lr_scheduler(opt, "cosine", epochs=4)
+    lrs = []
+    for _ in range(4):
+        opt.step()
+        sch.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[1] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5)) and lrs[-1] == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        lr_scheduler(opt, "step")
+    with pytest.raises(FileNotFoundError, match="missing.pt: weights to start training from not found"):
+        initial_checkpoint(BUNDLE_ROOT, "dran", str(tmp_path / "missing.pt"))
+    assert initial_checkpoint(BUNDLE_ROOT, "dran", "shipped") == str(BUNDLE_ROOT / "models" / "dran.pt")
+
+
 def test_inference_writes_grey_and_colour_for_every_pair(trained, tiny, tmp_path):
     wf = _workflow(
         "infer",
