@@ -93,6 +93,14 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def spatial_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-(sample, channel) normalisation over the spatial axes, no affine (``InstanceNorm`` / a ``layer_norm``
+    over ``x.shape[2:]``), written out so a channels-last map stays channels-last (``instance_norm`` and
+    ``layer_norm`` return NCHW copies, which every following convolution would convert back)."""
+    var, mean = torch.var_mean(x, dim=tuple(range(2, x.ndim)), unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
 def conv_fn(x: torch.Tensor):
     """``F.conv2d`` or ``F.conv3d`` for a (N, C, *S) tensor with 2 or 3 spatial dims."""
     return F.conv2d if x.ndim == 4 else F.conv3d

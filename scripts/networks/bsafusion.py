@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock, Warp
 
-from .blocks import channels_last, set_fast
+from .blocks import channels_last, set_fast, spatial_norm
 
 __all__ = ["BSAFusion", "RestormerLayer", "FieldWarp", "compose_fields"]
 
@@ -72,13 +72,6 @@ def _linear_mode(x: torch.Tensor) -> str:
 def _spatial_norm(x: torch.Tensor) -> torch.Tensor:
     """Per-(sample, channel) normalisation over the spatial axes without affine (the official "LayerNorm")."""
     return F.layer_norm(x, x.shape[2:])
-
-
-def _spatial_norm_cl(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """:func:`_spatial_norm` that keeps a channels-last layout (``layer_norm`` over the trailing axes would copy
-    the map to NCHW and return it so, and every following convolution would convert it back)."""
-    var, mean = torch.var_mean(x, dim=tuple(range(2, x.ndim)), unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -125,13 +118,13 @@ class RestormerLayer(nn.Module):
         """The same layer on channels-last maps, the channel attention on token views (B, N, C): no layout copy."""
         x = self.proj(x)
         b, c = x.shape[:2]
-        n = _spatial_norm_cl(x)
+        n = spatial_norm(x)
         q, k, v = (_tokens(m(n)) for m in (self.query, self.key, self.value))
         gram = torch.bmm(k.transpose(1, 2), q)  # (B, C, C): G_ij = <k_i, q_j>
         attn = gram.flatten(1).softmax(1).view(b, c, c)
         out = torch.bmm(v, attn)  # (B, HW, C) = (attn^T v^T)^T
         x = x + self.attn_out(out.view(b, *x.shape[2:], c).movedim(-1, 1))
-        n = _spatial_norm_cl(x)
+        n = spatial_norm(x)
         return x + self.ffn_out(F.gelu(self.ffn_gate(n)) * self.ffn_value(n))
 
 
@@ -305,7 +298,7 @@ class _FeatureUpsampler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(self.reduce(F.interpolate(x, scale_factor=2, mode=_linear_mode(x), align_corners=True)))
         if self.fast and x.ndim == 4:  # instance_norm would return NCHW
-            return F.leaky_relu(_spatial_norm_cl(channels_last(x)))
+            return F.leaky_relu(spatial_norm(channels_last(x)))
         return F.leaky_relu(F.instance_norm(x))
 
 

@@ -49,7 +49,7 @@ from monai.networks.layers.factories import Conv, Norm
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from .blocks import SobelGradient, batch_norm_nd, channels_last, conv_nd, set_fast
+from .blocks import SobelGradient, batch_norm_nd, channels_last, conv_nd, set_fast, spatial_norm
 
 __all__ = [
     "MACTFusion",
@@ -437,9 +437,7 @@ class SpatialAdaptationFusion(nn.Module):
             std, mean = torch.std_mean(own, dim=dims, keepdim=True)
             h = F.gelu(self.shared(torch.cat([own, other], dim=1)))
             gamma, beta = self.gamma(h), self.beta(h)
-            var_o, mean_o = torch.var_mean(other, dim=dims, unbiased=False, keepdim=True)  # InstanceNorm, no affine
-            normed = (other - mean_o) * torch.rsqrt(var_o + self.norm.eps)
-            return normed * (gamma + std) + (beta + mean)
+            return spatial_norm(other, self.norm.eps) * (gamma + std) + (beta + mean)
         flat = own.flatten(2)
         shape = (*own.shape[:2], *([1] * (own.ndim - 2)))
         mean, std = flat.mean(-1).view(shape), flat.std(-1).view(shape)
