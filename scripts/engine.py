@@ -667,13 +667,28 @@ class CheckpointError(ValueError):
 
 class WeightsLoader(CheckpointLoader):
     """MONAI's :class:`~monai.handlers.CheckpointLoader` (``torch.load(weights_only=True)``) with errors that name the
-    file and say what is wrong (missing, damaged, pickled code, does not fit the network)."""
+    file and say what is wrong (missing, damaged, pickled code, does not fit the network). Also takes a training
+    state (``checkpoint.pt`` of :class:`TrainingState`) and loads its network."""
+
+    @staticmethod
+    def _is_training_state(path: Path) -> bool:
+        try:
+            keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+        except Exception:
+            return False  # let the normal path report what is wrong with the file
+        return {"format", "trainer", "network"} <= set(keys)
 
     def __call__(self, engine) -> None:
         path = Path(str(self.load_path))
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint not found (--ckpt_path).")
         try:
+            if len(self.load_dict) == 1 and self._is_training_state(path):  # a TrainingState file: its network
+                state = torch.load(path, map_location=self.map_location, weights_only=True)
+                Checkpoint.load_objects(to_load=self.load_dict, checkpoint={next(iter(self.load_dict)): state["network"]},
+                                        strict=self.strict)
+                self.logger.info(f"Restored the network of training state {path}")
+                return
             super().__call__(engine)
         except pickle.UnpicklingError as e:
             raise CheckpointError(

@@ -123,8 +123,14 @@ def test_fine_tuning_starts_from_init_ckpt_with_a_cosine_schedule(trained, tiny,
     sched = next(v for k, v in state.items() if k.startswith("lr_scheduler"))
     assert sched["last_epoch"] == 2 and sched["T_max"] == 2
 
-    from scripts.engine import lr_scheduler
+    from scripts.engine import WeightsLoader, lr_scheduler
     from scripts.methods import initial_checkpoint
+    from scripts.networks import DRAN
+
+    net = DRAN(**TINY_NET)  # a training state (checkpoint.pt) also serves as --init_ckpt / --ckpt_path
+    WeightsLoader(load_path=str(trained / "checkpoint.pt"), load_dict={"model": net})(None)
+    saved = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=True)["network"]
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
 
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sch = lr_scheduler(opt, "cosine", epochs=4)
