@@ -36,7 +36,7 @@ for m in $METHODS; do
     [ "$m" = eval ] && continue
     case $m in
         dran)       train dran --epochs 80 --learning_rate 5e-4 --val_interval 20 ;;
-        mactfusion) train mactfusion --epochs 72 --val_interval 4 ;;
+        mactfusion) train mactfusion --epochs 96 --val_interval 4 ;;
         msgfusion)  train msgfusion --epochs 20 --val_interval 10 ;;
         bsafusion)  train bsafusion --epochs 4 --val_interval 2 \
                         --network_overrides "{'zero_init_fields': True}" ;;
