@@ -153,14 +153,19 @@ class MsgFusionLoss(nn.Module):
         ssim_mri_weight: g_s, share of the MRI in the SSIM part.
         mse_mri_weight: g_m, share of the MRI in the MSE part.
         win_size, kernel_sigma, data_range: SSIM window and data range.
+        clamp_output: score the fused image clamped to [0, data_range], as every metric and the written images see
+            it (not in the paper, default ``False``): the tanh output can sit a few grey levels above black in the
+            background, which costs little in this loss but collapses SSIM there (model card, MsgFusion).
     """
 
     def __init__(self, ssim_weight: float = 0.8, ssim_mri_weight: float = 0.5, mse_mri_weight: float = 0.5,
-                 win_size: int = 11, kernel_sigma: float = 1.5, data_range: float = 1.0) -> None:
+                 win_size: int = 11, kernel_sigma: float = 1.5, data_range: float = 1.0,
+                 clamp_output: bool = False) -> None:
         super().__init__()
         from monai.losses import SSIMLoss
 
         self.ssim_weight, self.ssim_mri_weight, self.mse_mri_weight = ssim_weight, ssim_mri_weight, mse_mri_weight
+        self.clamp_output, self.data_range = clamp_output, data_range
         self.ssim = nn.ModuleDict({
             f"{d}d": SSIMLoss(spatial_dims=d, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma)
             for d in (2, 3)
@@ -175,6 +180,8 @@ class MsgFusionLoss(nn.Module):
             raise ValueError(f"target must hold the sources (B, 2, *S) matching pred {tuple(pred.shape)}, "
                              f"got {tuple(target.shape)}")
         ssim = self.ssim[f"{pred.ndim - 2}d"]
+        if self.clamp_output:
+            pred = pred.clamp(0.0, self.data_range)
         a, b = target[:, 0:1].to(pred.dtype), target[:, 1:2].to(pred.dtype)
         return {"ssim_a": ssim(pred, a), "ssim_b": ssim(pred, b),
                 "mse_a": F.mse_loss(pred, a), "mse_b": F.mse_loss(pred, b)}

@@ -281,6 +281,26 @@ def test_loss_formula_and_ssim_definition():
             loss(bad_pred, bad_target)
 
 
+def test_clamp_output_option_scores_what_the_metrics_see():
+    """clamp_output=True: the loss of a prediction equals that of its [0, 1] clamp; below-black pixels get no
+    gradient, above-black background does (the default scores and pushes the raw tanh output)."""
+    torch.manual_seed(0)
+    target = torch.rand(1, 2, 32, 32)
+    target[..., :8, :] = 0  # black background band in both sources
+    pred = target.mean(1, keepdim=True).clone()
+    pred[..., :4, :] = -0.1  # below black: clamped away
+    pred[..., 4:8, :] = 0.05  # a few grey levels above black
+    clamped, plain = MsgFusionLoss(clamp_output=True), MsgFusionLoss()
+    torch.testing.assert_close(clamped(pred, target), plain(pred.clamp(0, 1), target))
+    darker = pred.clone()
+    darker[..., :4, :] = -0.5  # further below black: invisible after the clamp, penalised by the default
+    assert float(clamped(darker, target)) == float(clamped(pred, target))
+    assert float(plain(darker, target)) > float(plain(pred, target))
+    p = pred.clone().requires_grad_(True)
+    clamped(p, target).backward()
+    assert p.grad[..., :4, :].abs().max() == 0 and p.grad[..., 4:8, :].abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------ workflow
 def test_train_then_infer_workflow(tmp_path):
     tiny = _tiny_dataset(tmp_path / "data")
