@@ -671,20 +671,21 @@ class WeightsLoader(CheckpointLoader):
     state (``checkpoint.pt`` of :class:`TrainingState`) and loads its network."""
 
     @staticmethod
-    def _is_training_state(path: Path) -> bool:
+    def _training_state(path: Path) -> dict | None:
+        """The file memory-mapped if it is a training state (tensors read only as they are copied), else None."""
         try:
-            keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
-            return False  # let the normal path report what is wrong with the file
-        return {"format", "trainer", "network"} <= set(keys)
+            return None  # let the normal path report what is wrong with the file
+        return ckpt if isinstance(ckpt, dict) and {"format", "trainer", "network"} <= ckpt.keys() else None
 
     def __call__(self, engine) -> None:
         path = Path(str(self.load_path))
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint not found (--ckpt_path).")
         try:
-            if len(self.load_dict) == 1 and self._is_training_state(path):  # a TrainingState file: its network
-                state = torch.load(path, map_location=self.map_location, weights_only=True)
+            state = self._training_state(path) if len(self.load_dict) == 1 else None
+            if state is not None:  # a TrainingState file: its network (load_state_dict copies to the device)
                 Checkpoint.load_objects(to_load=self.load_dict, checkpoint={next(iter(self.load_dict)): state["network"]},
                                         strict=self.strict)
                 self.logger.info(f"Restored the network of training state {path}")

@@ -50,6 +50,14 @@ def build_list(components) -> list:
     return [build(c) for c in components or []]
 
 
+def _shipped_candidates(bundle_root, method: str, pairs=None) -> list[Path]:
+    """The shipped weight files for ``method``, most specific first: ``models/<method>_<pair>.pt`` when ``pairs``
+    names one modality pair, then the all-pairs ``models/<method>.pt``."""
+    models = Path(bundle_root) / "models"
+    candidates = [models / f"{method}_{pairs[0]}.pt"] if pairs and len(pairs) == 1 else []
+    return candidates + [models / f"{method}.pt"]
+
+
 def default_checkpoint(bundle_root, method: str, output_dir=None, pairs=None) -> str | None:
     """Weights to use when none are given: the shipped ``models/<method>_<pair>.pt`` when ``pairs`` names one
     modality pair (e.g. ``["CT-MRI"]``) and that file exists, else the shipped all-pairs ``models/<method>.pt``,
@@ -60,8 +68,7 @@ def default_checkpoint(bundle_root, method: str, output_dir=None, pairs=None) ->
     if not load_method_config(bundle_root, method)["trainable"]:
         return None
     models = Path(bundle_root) / "models"
-    candidates = [models / f"{method}_{pairs[0]}.pt"] if pairs and len(pairs) == 1 else []
-    candidates.append(models / f"{method}.pt")
+    candidates = _shipped_candidates(bundle_root, method, pairs)
     run_dir = Path(output_dir) if output_dir else Path(bundle_root) / "runs" / method
     candidates += [run_dir / "model.pt", run_dir / "model_final.pt"]
     for c in candidates:
@@ -83,9 +90,7 @@ def initial_checkpoint(bundle_root, method: str, init_ckpt=None, pairs=None) -> 
     if init_ckpt in (None, "", "None", "null"):
         return None
     if str(init_ckpt) == "shipped":
-        models = Path(bundle_root) / "models"
-        candidates = [models / f"{method}_{pairs[0]}.pt"] if pairs and len(pairs) == 1 else []
-        candidates.append(models / f"{method}.pt")
+        candidates = _shipped_candidates(bundle_root, method, pairs)
         for c in candidates:
             if c.is_file():
                 return str(c)
