@@ -29,6 +29,18 @@ __all__ = [
 ]
 
 
+def float32_outputs(out):
+    """Network outputs with float16 / bfloat16 tensors (AMP, the default on CUDA) as float32, in dicts, lists and
+    tuples too: what follows (window stitching, colour merging, metrics, NIfTI / PNG writers) runs in float32."""
+    if torch.is_tensor(out):
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+    if isinstance(out, dict):
+        return {k: float32_outputs(v) for k, v in out.items()}
+    if isinstance(out, list | tuple):
+        return type(out)(float32_outputs(v) for v in out)
+    return out
+
+
 class FusionInferer(Inferer):
     """Calls ``network(inputs, mode=mode)``.
 
@@ -45,7 +57,8 @@ class FusionInferer(Inferer):
         # networks get plain tensors: slicing a collated MetaTensor inside a network trips over its batch metadata
         if hasattr(inputs, "as_tensor"):
             inputs = inputs.as_tensor()
-        return network(inputs, *args, mode=self.mode, **kwargs)
+        out = network(inputs, *args, mode=self.mode, **kwargs)
+        return out if self.mode == "train" else float32_outputs(out)  # the losses cast for themselves
 
 
 class SourceMeanMetric(CumulativeIterationMetric):

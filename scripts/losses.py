@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -12,7 +13,25 @@ from torch import nn
 
 from .networks.blocks import sobel_kernels, sobel_responses
 
-__all__ = ["sobel_gradient_loss", "VGG16BNFeatures", "DRANLoss"]
+__all__ = ["full_precision", "sobel_gradient_loss", "VGG16BNFeatures", "DRANLoss"]
+
+
+def full_precision(fn):
+    """Run a loss method in float32 with autocast off. Under AMP (the workflows' default on CUDA) the trainer calls
+    the loss inside ``autocast``, where the SSIM / MS-SSIM filters and gradient convolutions would run in float16 /
+    bfloat16 again after any ``.float()``: MS-SSIM's powers of small negative contrast terms then give NaN."""
+
+    @functools.wraps(fn)
+    def wrapper(self, pred, target, *args, **kwargs):
+        ref = pred["fused"] if isinstance(pred, dict) else pred
+        with torch.autocast(ref.device.type, enabled=False):
+            if isinstance(pred, dict):
+                pred = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in pred.items()}
+            elif pred.is_floating_point():
+                pred = pred.float()
+            return fn(self, pred, target.float() if target.is_floating_point() else target, *args, **kwargs)
+
+    return wrapper
 
 
 def sobel_gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -128,6 +147,7 @@ class DRANLoss(nn.Module):
             feats_t = self.vgg(grey3(target))
         return sum(F.mse_loss(p, t) for p, t in zip(feats_p, feats_t))
 
+    @full_precision
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = F.mse_loss(pred, target)
         if self.grad_weight:
@@ -171,6 +191,7 @@ class MsgFusionLoss(nn.Module):
             for d in (2, 3)
         })
 
+    @full_precision
     def terms(self, pred: torch.Tensor, target: torch.Tensor) -> dict:
         """The four unweighted terms ``ssim_a``, ``ssim_b`` (1 - SSIM) and ``mse_a``, ``mse_b``."""
         if pred.ndim not in (4, 5) or pred.shape[1] != 1:
@@ -270,6 +291,7 @@ class MACTFusionLoss(nn.Module):
         g = sobel_responses(x.reshape(b * c, 1, *x.shape[2:]), k, padding=1).abs().sum(2)
         return g.view(x.shape)
 
+    @full_precision
     def terms(self, pred: torch.Tensor, target: torch.Tensor) -> dict:
         """The unweighted terms ``ssim`` (L_ssim), ``intensity`` (L_int) and ``grad`` (L_grad)."""
         if pred.ndim not in (4, 5) or pred.shape[1] != 1:
@@ -360,6 +382,7 @@ class BSAFusionLoss(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             return self.diffusion(field) / 3
 
+    @full_precision
     def terms(self, pred: dict, target: torch.Tensor) -> dict:
         if not isinstance(pred, dict) or "warped_border" not in pred:
             raise ValueError("BSAFusionLoss needs the network's mode='train' output (a dict with the fields, "

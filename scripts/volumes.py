@@ -365,7 +365,13 @@ class VolumeInferer(Inferer):
         return _with_meta_of(out, inputs)
 
     def _infer(self, inputs: torch.Tensor, network, *args, **kwargs):
+        from scripts.engine import float32_outputs
+
         kwargs = {"mode": self.mode, **kwargs}
+
+        def call(x):  # AMP outputs (float16) are stitched and post-processed in float32
+            return float32_outputs(network(x, *args, **kwargs))
+
         in_dims, net_dims = inputs.ndim - 2, network_spatial_dims(network)
         # the networks get plain tensors (MONAI metadata means nothing to them; the geometry is read here)
         plain = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
@@ -373,10 +379,10 @@ class VolumeInferer(Inferer):
             roi = _roi(self.roi_size, in_dims)
             self.last_plan = {"kind": "whole" if roi is None else "windows", "roi_size": roi}
             if roi is None:
-                return network(plain, *args, **kwargs)
+                return call(plain)
             sw = SlidingWindowInferer(roi, self.sw_batch_size, self.overlap, mode=self.blend_mode,
                                       device=self.stitch_device, progress=self.progress)
-            return sw(plain, lambda x: _spatial_outputs(network(x, *args, **kwargs), x.ndim))
+            return sw(plain, lambda x: _spatial_outputs(call(x), x.ndim))
         if in_dims == 3 and net_dims == 2:
             axis = self.resolve_slice_axis(inputs)
             roi = _roi(self.roi_size, 2)
@@ -384,7 +390,7 @@ class VolumeInferer(Inferer):
             si = SliceInferer(spatial_dim=axis, roi_size=roi or [-1, -1], sw_batch_size=self.sw_batch_size,
                               overlap=self.overlap, mode="constant" if roi is None else self.blend_mode,
                               device=self.stitch_device, progress=self.progress)
-            return si(plain, lambda x: _spatial_outputs(network(x, *args, **kwargs), x.ndim, axis))
+            return si(plain, lambda x: _spatial_outputs(call(x), x.ndim, axis))
         raise ValueError(f"a {in_dims}D input cannot be fused by a {net_dims}D network; use --spatial_dims {in_dims}.")
 
 

@@ -93,10 +93,15 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def spatial_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-(sample, channel) normalisation over the spatial axes, no affine (``InstanceNorm`` / a ``layer_norm``
     over ``x.shape[2:]``), written out so a channels-last map stays channels-last (``instance_norm`` and
     ``layer_norm`` return NCHW copies, which every following convolution would convert back)."""
+    if x.dtype in LOW_PRECISION:  # AMP: float16 statistics over a whole map overflow (NaN gradients); float32
+        return spatial_norm(x.float(), eps).to(x.dtype)
     var, mean = torch.var_mean(x, dim=tuple(range(2, x.ndim)), unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + eps)
 

@@ -79,6 +79,15 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
 
 
+def _channel_attention(k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``softmax`` over all C x C entries of ``G = k q`` (``k`` (B, C, N), ``q`` (B, N, C); ``G_ij = <k_i, q_j>``).
+
+    In float32 with autocast off: the products sum over every pixel, which overflows float16 under AMP."""
+    with torch.autocast(k.device.type, enabled=False):
+        gram = torch.bmm(k.float(), q.float())
+        return gram.flatten(1).softmax(1).view_as(gram)
+
+
 class RestormerLayer(nn.Module):
     """1x1 projection, single-head channel ("transposed") attention and a gated feed-forward, both residual.
 
@@ -108,8 +117,7 @@ class RestormerLayer(nn.Module):
         b, c = x.shape[:2]
         n = _spatial_norm(x)
         q, k, v = (m(n).flatten(2) for m in (self.query, self.key, self.value))
-        gram = torch.bmm(k, q.transpose(1, 2))  # (B, C, C): G_ij = <k_i, q_j>
-        attn = gram.flatten(1).softmax(1).view(b, c, c)
+        attn = _channel_attention(k, q.transpose(1, 2)).to(v.dtype)
         x = x + self.attn_out(torch.bmm(attn.transpose(1, 2), v).view_as(x))
         n = _spatial_norm(x)
         return x + self.ffn_out(F.gelu(self.ffn_gate(n)) * self.ffn_value(n))
@@ -120,8 +128,7 @@ class RestormerLayer(nn.Module):
         b, c = x.shape[:2]
         n = spatial_norm(x)
         q, k, v = (_tokens(m(n)) for m in (self.query, self.key, self.value))
-        gram = torch.bmm(k.transpose(1, 2), q)  # (B, C, C): G_ij = <k_i, q_j>
-        attn = gram.flatten(1).softmax(1).view(b, c, c)
+        attn = _channel_attention(k.transpose(1, 2), q).to(v.dtype)
         out = torch.bmm(v, attn)  # (B, HW, C) = (attn^T v^T)^T
         x = x + self.attn_out(out.view(b, *x.shape[2:], c).movedim(-1, 1))
         n = spatial_norm(x)
@@ -258,9 +265,10 @@ class _CrossAttention(nn.Module):
         a2, b2 = F.relu(self.conv_a(a)), F.relu(self.conv_b(b))
         if self.fast and a2.ndim == 4 and a2.is_contiguous(memory_format=torch.channels_last):
             # softmax over the pixels on the token view (B, HW, C): the result stays channels-last
-            w = _tokens(a2 * b2).softmax(1).view(a2.shape[0], *a2.shape[2:], a2.shape[1]).movedim(-1, 1)
-            return a + a2 * w
-        return a + a2 * (a2 * b2).flatten(2).softmax(-1).view_as(a2)
+            w = _tokens(a2 * b2).float().softmax(1).view(a2.shape[0], *a2.shape[2:], a2.shape[1]).movedim(-1, 1)
+            return a + a2 * w.to(a2.dtype)
+        # softmax over all pixels in float32 (also under AMP)
+        return a + a2 * (a2 * b2).flatten(2).float().softmax(-1).view_as(a2).to(a2.dtype)
 
 
 class RegistrationStep(nn.Module):
@@ -299,7 +307,7 @@ class _FeatureUpsampler(nn.Module):
         x = self.conv(self.reduce(F.interpolate(x, scale_factor=2, mode=_linear_mode(x), align_corners=True)))
         if self.fast and x.ndim == 4:  # instance_norm would return NCHW
             return F.leaky_relu(spatial_norm(channels_last(x)))
-        return F.leaky_relu(F.instance_norm(x))
+        return F.leaky_relu(F.instance_norm(x.float()).to(x.dtype))  # statistics in float32 under AMP
 
 
 class RegistrationNet(nn.Module):

@@ -183,8 +183,9 @@ class DRANEncoder(nn.Module):
         e = torch.addmm(edge.dense_out.bias + edge.grad_out.bias, grad_in.reshape(-1, f),
                         edge.grad_out.weight.reshape(f, f).t())
         b_tok = b.movedim(1, -1).reshape(-1, b.shape[1])
-        e = e.addmm_(b_tok, edge.dense_out.weight.reshape(f, -1).t()) if inplace else \
-            torch.addmm(e, b_tok, edge.dense_out.weight.reshape(f, -1).t())
+        w_out = edge.dense_out.weight.reshape(f, -1).t()
+        # the in-place product is not autocast: give it the activations' dtype (float16 / bfloat16 under AMP)
+        e = e.addmm_(b_tok.to(e.dtype), w_out.to(e.dtype)) if inplace else torch.addmm(e, b_tok, w_out)
         e = edge.dropout(e.view(n, *spatial, f).movedim(-1, 1))
         return x2.add_(e) if inplace else x2 + e
 

@@ -49,7 +49,9 @@ from monai.networks.layers.factories import Conv, Norm
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from .blocks import SobelGradient, batch_norm_nd, channels_last, conv_nd, fold_bn, set_fast, spatial_norm
+from .blocks import (
+    LOW_PRECISION, SobelGradient, batch_norm_nd, channels_last, conv_nd, fold_bn, set_fast, spatial_norm,
+)
 
 __all__ = [
     "MACTFusion",
@@ -146,6 +148,8 @@ def relative_position_index(window: Sequence[int]) -> torch.Tensor:
 def simam(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
     """Parameter-free SimAM attention: ``x * sigmoid(d / (4 (sum(d) / (n - 1) + lambda)) + 0.5)``, with
     ``d = (x - mean)^2`` per sample and channel over the ``n`` spatial positions."""
+    if x.dtype in LOW_PRECISION:  # AMP: the sum over a whole map overflows float16
+        return simam(x.float(), e_lambda).to(x.dtype)
     dims = tuple(range(2, x.ndim))
     n = math.prod(x.shape[2:]) - 1
     d = (x - x.mean(dim=dims, keepdim=True)).pow(2)
@@ -156,6 +160,8 @@ def simam(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
 def simam_(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
     """:func:`simam` overwriting ``x`` (no autograd): mean and ``sum(d) / (n - 1)`` (an unbiased variance) from one
     ``var_mean`` pass, the energy built in one scratch buffer (6 passes over the map instead of 8)."""
+    if x.dtype in LOW_PRECISION:
+        return x.copy_(simam(x.float(), e_lambda))
     dims = tuple(range(2, x.ndim))
     var, mean = torch.var_mean(x, dim=dims, correction=1, keepdim=True)
     e = torch.sub(x, mean)
@@ -464,7 +470,7 @@ class SpatialAdaptationFusion(nn.Module):
         if self.fast:  # channels-last maps; statistics in one pass each; InstanceNorm written out (keeps the layout)
             own, other = channels_last(own), channels_last(other)
             dims = tuple(range(2, own.ndim))
-            std, mean = torch.std_mean(own, dim=dims, keepdim=True)
+            std, mean = torch.std_mean(own.float(), dim=dims, keepdim=True)  # float32 also under AMP
             h = F.gelu(self.shared(torch.cat([own, other], dim=1)))
             if torch.is_grad_enabled():
                 return spatial_norm(other, self.norm.eps) * (self.gamma(h) + std) + (self.beta(h) + mean)
@@ -475,7 +481,7 @@ class SpatialAdaptationFusion(nn.Module):
                       padding=self.gamma.padding)
             gamma, beta = gb[:, :c].add_(std), gb[:, c:].add_(mean)
             return torch.addcmul(beta, spatial_norm(other, self.norm.eps), gamma)
-        flat = own.flatten(2)
+        flat = own.flatten(2).float()
         shape = (*own.shape[:2], *([1] * (own.ndim - 2)))
         mean, std = flat.mean(-1).view(shape), flat.std(-1).view(shape)
         h = F.gelu(self.shared(torch.cat([own, other], dim=1)))
