@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .networks.blocks import sobel_kernels, sobel_responses
+from .networks.blocks import autocast_off, sobel_kernels, sobel_responses
 
 __all__ = ["full_precision", "sobel_gradient_loss", "VGG16BNFeatures", "DRANLoss"]
 
@@ -24,7 +24,7 @@ def full_precision(fn):
     @functools.wraps(fn)
     def wrapper(self, pred, target, *args, **kwargs):
         ref = pred["fused"] if isinstance(pred, dict) else pred
-        with torch.autocast(ref.device.type, enabled=False):
+        with autocast_off(ref.device.type):
             if isinstance(pred, dict):
                 pred = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in pred.items()}
             elif pred.is_floating_point():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm, Pool
@@ -94,6 +96,13 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled on ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def spatial_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

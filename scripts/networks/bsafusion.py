@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock, Warp
 
-from .blocks import channels_last, set_fast, spatial_norm
+from .blocks import autocast_off, channels_last, set_fast, spatial_norm
 
 __all__ = ["BSAFusion", "RestormerLayer", "FieldWarp", "compose_fields"]
 
@@ -83,7 +83,7 @@ def _channel_attention(k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``softmax`` over all C x C entries of ``G = k q`` (``k`` (B, C, N), ``q`` (B, N, C); ``G_ij = <k_i, q_j>``).
 
     In float32 with autocast off: the products sum over every pixel, which overflows float16 under AMP."""
-    with torch.autocast(k.device.type, enabled=False):
+    with autocast_off(k.device.type):
         gram = torch.bmm(k.float(), q.float())
         return gram.flatten(1).softmax(1).view_as(gram)
 

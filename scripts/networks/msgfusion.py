@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from .blocks import conv_nd, fold_bn, set_fast
+from .blocks import autocast_off, conv_nd, fold_bn, set_fast
 
 __all__ = [
     "MsgFusion",
@@ -120,8 +120,16 @@ class _DebiasedRunningStats:
             if not hasattr(self, "_base_momentum"):
                 self._base_momentum = self.momentum
             if self._base_momentum is not None:  # None: PyTorch's cumulative average, already bias-free
-                self.momentum = max(self._base_momentum, 1.0 / (int(self.num_batches_tracked) + 1))
+                # the batch count mirrored in Python: reading the buffer every step would sync a GPU per layer
+                if "_seen" not in self.__dict__:
+                    self._seen = int(self.num_batches_tracked)
+                self.momentum = max(self._base_momentum, 1.0 / (self._seen + 1))
+                self._seen += 1
         return super().forward(x)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__.pop("_seen", None)  # re-read the loaded count
 
 
 class _BatchNorm2d(_DebiasedRunningStats, nn.BatchNorm2d):
@@ -205,7 +213,7 @@ class ConvBlock(nn.Module):
         for index in range(2 ** nd):
             ph = [(index >> (nd - 1 - a)) & 1 for a in range(nd)]  # phase per axis, last axis fastest
             k = w
-            with torch.autocast(device_type=w.device.type, enabled=False):  # kernel algebra in the weights' dtype
+            with autocast_off(w.device.type):  # kernel algebra in the weights' dtype
                 for a, p in enumerate(ph):  # combine the taps of spatial axis a
                     k = torch.tensordot(k, taps[p], dims=([2 + a], [1])).movedim(-1, 2 + a)
             view = vp[(..., *(slice(p, p + int(n) + 1) for p, n in zip(ph, low)))]
@@ -247,7 +255,7 @@ class FourierUnit(nn.Module):
             return self._forward_real_dft(x)
         dims = tuple(range(2, x.ndim))
         size = x.shape[2:]
-        with torch.autocast(device_type=x.device.type, enabled=False):  # FFTs and spectra in float32 under AMP
+        with autocast_off(x.device.type):  # FFTs and spectra in float32 under AMP
             z = torch.fft.rfftn(x.float(), dim=dims, norm="ortho")
             amp = self.amplitude(z.abs())
             pha = self.phase(_safe_angle(z.real, z.imag))
@@ -261,16 +269,17 @@ class FourierUnit(nn.Module):
         matrices of the input size (real and imaginary parts carried separately): for exporters without complex
         tensors (ONNX). Same values within float rounding; O(S) more multiply-adds than an FFT."""
         x = x.float()
+        dev = x.device
         spatial = [int(s) for s in x.shape[2:]]
         w = spatial[-1]
         half = w // 2 + 1
-        kw = torch.arange(half, dtype=torch.float64)
-        ang = 2 * torch.pi * torch.arange(w, dtype=torch.float64)[:, None] * kw[None] / w  # (W, half)
+        kw = torch.arange(half, dtype=torch.float64, device=dev)
+        ang = 2 * torch.pi * torch.arange(w, dtype=torch.float64, device=dev)[:, None] * kw[None] / w  # (W, half)
         cw, sw = (torch.cos(ang) / w**0.5).float(), (torch.sin(ang) / w**0.5).float()
         re, im = x @ cw, -(x @ sw)  # rfft along the last axis
         mats = []
         for axis, n in enumerate(spatial[:-1]):  # complex DFT along every other spatial axis
-            k = torch.arange(n, dtype=torch.float64)
+            k = torch.arange(n, dtype=torch.float64, device=dev)
             a = 2 * torch.pi * k[:, None] * k[None] / n
             c, s_ = (torch.cos(a) / n**0.5).float(), (torch.sin(a) / n**0.5).float()
             mats.append((c, s_))
@@ -279,9 +288,9 @@ class FourierUnit(nn.Module):
             re, im = (re_m @ c + im_m @ s_).movedim(-1, dim), (im_m @ c - re_m @ s_).movedim(-1, dim)
         # self-conjugate bins (index 0 or n/2 on every axis) are real: the FFT returns +0.0 as their imaginary part,
         # so their phase is exactly 0 or +pi; the matrix products leave +-1e-8 there, and atan2 jumps to -pi
-        real_bin = torch.ones((), dtype=torch.bool)
+        real_bin = torch.ones((), dtype=torch.bool, device=dev)
         for axis, n in enumerate(spatial[:-1] + [w]):
-            idx = torch.arange(half if axis == len(spatial) - 1 else n)
+            idx = torch.arange(half if axis == len(spatial) - 1 else n, device=dev)
             flag = (idx == 0) | ((idx * 2 == n) & (n % 2 == 0))
             real_bin = real_bin & flag.view(*([1] * axis), -1, *([1] * (len(spatial) - 1 - axis)))
         im = torch.where(real_bin, torch.zeros((), dtype=im.dtype), im)
@@ -292,7 +301,7 @@ class FourierUnit(nn.Module):
             dim = 2 + axis
             re_m, im_m = re.movedim(dim, -1), im.movedim(dim, -1)
             re, im = (re_m @ c - im_m @ s_).movedim(-1, dim), (im_m @ c + re_m @ s_).movedim(-1, dim)
-        weight = torch.full((half,), 2.0, dtype=torch.float64)  # Hermitian half-spectrum: interior bins count twice
+        weight = torch.full((half,), 2.0, dtype=torch.float64, device=dev)  # Hermitian half-spectrum: interior bins count twice
         weight[0] = 1.0
         if w % 2 == 0:
             weight[-1] = 1.0

@@ -1,10 +1,12 @@
-"""Mixed precision, the workflows' default on CUDA (``amp``), exercised on CPU with bfloat16 / float16 autocast.
+"""The GPU-only paths of the workflows, exercised on CPU (CI has no GPU).
 
-CI has no GPU, so these tests run every network's training step and fused forward under CPU autocast, which casts
-the same op families (convolutions, matrix products, attention) to the low-precision type: they catch ops that mix
-dtypes (in-place products are not autocast) and losses that break in low precision. Before these tests, DRAN's
-inference failed under autocast, MACTFusion's loss was NaN and BSAFusion's float16 gradients were NaN
-(statistics over whole maps in float16: now computed in float32).
+- Mixed precision (``amp``, the workflows' default on CUDA) with CPU bfloat16 / float16 autocast, which casts the
+  same op families (convolutions, matrix products, attention) to the low-precision type: catches ops that mix
+  dtypes (in-place products are not autocast) and losses or statistics that break in low precision. Before these
+  tests, DRAN's inference failed under autocast, MACTFusion's loss was NaN and BSAFusion's float16 gradients were
+  NaN (statistics over whole maps in float16: now computed in float32).
+- Device placement, with every network and loss on PyTorch's ``meta`` device: a tensor created on the CPU inside a
+  forward pass or a loss (it would be on the wrong device on a GPU) fails there too.
 """
 
 import pytest
@@ -109,3 +111,24 @@ def test_loss_ignores_an_enclosing_autocast():
     assert torch.isfinite(inside)
     torch.testing.assert_close(inside, loss(pred.bfloat16().float(), target))
     assert float(inside) == pytest.approx(float(expected), rel=0.01)
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_no_cpu_tensor_inside_networks_and_losses(name):
+    net, loss_fn = _method(name)
+    net.to("meta")
+    loss_fn.to("meta")
+    for m in net.modules():  # MsgFusion's debiased BatchNorm reads its batch count once (a meta tensor has none)
+        if hasattr(m, "_base_momentum") or type(m).__name__.startswith("_BatchNorm"):
+            m._seen = 0
+    x = torch.empty(2, 2, SIZES[name], SIZES[name], device="meta")
+    net.train()
+    out = net(x, mode="train")
+    loss = loss_fn(out, x)
+    assert loss.device.type == "meta"
+    loss.backward()
+    net.eval()
+    with torch.no_grad():
+        fused = net(x)
+    fused = fused["fused"] if isinstance(fused, dict) else fused
+    assert fused.device.type == "meta" and fused.shape == (2, 1, SIZES[name], SIZES[name])
