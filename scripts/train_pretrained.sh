@@ -36,7 +36,10 @@ for m in $METHODS; do
     [ "$m" = eval ] && continue
     case $m in
         dran)       train dran dran --epochs 80 --learning_rate 5e-4 --val_interval 20 ;;
-        mactfusion) train mactfusion mactfusion --epochs 96 --val_interval 4 ;;
+        mactfusion) train mactfusion mactfusion --epochs 96 --val_interval 4
+                    # then whole images (SAFM restyles with whole-map statistics); the best epoch (2 of 3) is shipped
+                    train mactfusion mactfusion_whole --init_ckpt "$OUT/mactfusion/model.pt" --patch_size "[256, 256]" \
+                        --batch_size 2 --learning_rate 1e-4 --lr_schedule cosine --epochs 3 --val_interval 1 ;;
         msgfusion)  train msgfusion msgfusion --epochs 20 --val_interval 10
                     # then whole images (its Fourier unit is global) scored as the metrics see them (clamped)
                     train msgfusion msgfusion_clamp --init_ckpt "$OUT/msgfusion/model.pt" --patch_size "[256, 256]" \
