@@ -49,9 +49,7 @@ from monai.networks.layers.factories import Conv, Norm
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from .blocks import (
-    LOW_PRECISION, SobelGradient, batch_norm_nd, channels_last, conv_nd, fold_bn, set_fast, spatial_norm,
-)
+from .blocks import LOW_PRECISION, SobelGradient, batch_norm_nd, channels_last, conv_nd, set_fast, spatial_norm
 
 __all__ = [
     "MACTFusion",
@@ -155,18 +153,6 @@ def simam(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
     d = (x - x.mean(dim=dims, keepdim=True)).pow(2)
     e = d / (4 * (d.sum(dim=dims, keepdim=True) / n + e_lambda)) + 0.5
     return x * torch.sigmoid(e)
-
-
-def simam_(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
-    """:func:`simam` overwriting ``x`` (no autograd): mean and ``sum(d) / (n - 1)`` (an unbiased variance) from one
-    ``var_mean`` pass, the energy built in one scratch buffer (6 passes over the map instead of 8)."""
-    if x.dtype in LOW_PRECISION:
-        return x.copy_(simam(x.float(), e_lambda))
-    dims = tuple(range(2, x.ndim))
-    var, mean = torch.var_mean(x, dim=dims, correction=1, keepdim=True)
-    e = torch.sub(x, mean)
-    e = torch.addcmul(torch.full_like(var, 0.5), e.mul_(e), 0.25 / (var + e_lambda), out=e)
-    return x.mul_(e.sigmoid_())
 
 
 def _fast_len(n: int) -> int:
@@ -286,26 +272,10 @@ class SDConv(nn.Module):
         self.pw_norm = batch_norm_nd(spatial_dims, channels)
         self.proj = conv_nd(spatial_dims, channels, channels, 1)
 
-        self.fast = True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not self.training and not torch.is_grad_enabled():
-            return self._forward_inference(x)
         n = self.norm(x)
         u = self.pw_norm(self.pw(F.gelu(self.dw_norm(self.dw(n))))) + n
         return x + self.proj(simam(u))
-
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval mode without autograd: the BatchNorms after the depthwise and pointwise convs folded into them
-        (the first one stays: its shift would not fold exactly through the zero-padded depthwise conv), SimAM in
-        place (:func:`simam_`). Same values up to float rounding."""
-        conv = F.conv2d if x.ndim == 4 else F.conv3d
-        n = self.norm(x)
-        w, b = fold_bn(self.dw_norm, self.dw.weight, None)
-        h = F.gelu(conv(n, w, b, padding=self.dw.padding, groups=self.dw.groups))
-        w, b = fold_bn(self.pw_norm, self.pw.weight, None)
-        u = conv(h, w, b).add_(n)
-        return self.proj(simam_(u)).add_(x)
 
 
 class RelativePositionAttention(nn.Module):
@@ -410,13 +380,9 @@ def _token_mlp(t: torch.Tensor, norm: nn.Module, mlp: nn.Sequential, block: int 
     if flat.shape[0] <= block or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return t + mlp(norm(t))
     out = torch.empty_like(flat)
-    grad = torch.is_grad_enabled()
     for i in range(0, flat.shape[0], block):
         chunk = flat[i:i + block]
-        if grad:
-            out[i:i + block] = chunk + mlp(norm(chunk))
-        else:  # written in place (one pass less)
-            torch.add(chunk, mlp(norm(chunk)), out=out[i:i + block])
+        out[i:i + block] = chunk + mlp(norm(chunk))
     return out.view(t.shape)
 
 
@@ -472,15 +438,8 @@ class SpatialAdaptationFusion(nn.Module):
             dims = tuple(range(2, own.ndim))
             std, mean = torch.std_mean(own.float(), dim=dims, keepdim=True)  # float32 also under AMP
             h = F.gelu(self.shared(torch.cat([own, other], dim=1)))
-            if torch.is_grad_enabled():
-                return spatial_norm(other, self.norm.eps) * (self.gamma(h) + std) + (self.beta(h) + mean)
-            # inference: gamma and beta as one conv with 2C outputs, the affine restyling as one addcmul
-            c = own.shape[1]
-            conv = F.conv2d if own.ndim == 4 else F.conv3d
-            gb = conv(h, torch.cat([self.gamma.weight, self.beta.weight]), torch.cat([self.gamma.bias, self.beta.bias]),
-                      padding=self.gamma.padding)
-            gamma, beta = gb[:, :c].add_(std), gb[:, c:].add_(mean)
-            return torch.addcmul(beta, spatial_norm(other, self.norm.eps), gamma)
+            gamma, beta = self.gamma(h), self.beta(h)
+            return spatial_norm(other, self.norm.eps) * (gamma + std) + (beta + mean)
         flat = own.flatten(2).float()
         shape = (*own.shape[:2], *([1] * (own.ndim - 2)))
         mean, std = flat.mean(-1).view(shape), flat.std(-1).view(shape)
@@ -543,12 +502,10 @@ class MACTFusion(nn.Module):
             ``head_dim ** -0.5`` (0.289 at the official width); use it when training from scratch.
         fast: ``True`` (default): the optimised forward (channels-last maps after the dense extractor; window /
             grid partitions as one copy of C-value runs each way (:func:`tokens_to_groups`); the MLP on blocks of
-            tokens that fit in cache; per-direction depthwise Sobel convs; SAFM statistics in one pass; without
-            autograd in eval mode also SD-Conv's BatchNorms folded into its convs, SimAM in place, SAFM's gamma /
-            beta as one conv); ``False``: the plain parity-faithful forward (``scripts/benchmark.py`` times both).
-            Same parameters and outputs (float rounding). The inference-only folds call those convs functionally,
-            so module hooks on them (e.g. MAC counters) need ``fast=False``. Switch later with
-            :func:`~.blocks.set_fast`.
+            tokens that fit in cache; per-direction depthwise Sobel convs; SAFM statistics in one pass);
+            ``False``: the plain parity-faithful forward (``scripts/benchmark.py`` times both). Same parameters
+            and outputs (float rounding); every module is still called, so hooks (e.g. MAC counters) see the same
+            calls. Switch later with :func:`~.blocks.set_fast`.
 
     Forward ``forward(x, mode="fuse")``:
         - ``x``: ``(B, 2, *spatial)`` in [0, 1]; channel 0 = MRI (official ``image_vis`` slot, source A), channel 1 =
