@@ -46,6 +46,11 @@ for m in $METHODS; do
                         --batch_size 2 --learning_rate 1e-4 --lr_schedule cosine --epochs 8 --val_interval 2 \
                         --loss_overrides "{'clamp_output': True}" ;;
         bsafusion)  train bsafusion bsafusion --epochs 4 --val_interval 2 \
+                        --network_overrides "{'zero_init_fields': True}"
+                    # then whole images (its cross-attention softmax runs over all pixels: crops leave a grey
+                    # background at 256x256)
+                    train bsafusion bsafusion_whole --init_ckpt "$OUT/bsafusion/model.pt" --patch_size "[256, 256]" \
+                        --batch_size 2 --learning_rate 1e-4 --lr_schedule cosine --epochs 5 --val_interval 1 \
                         --network_overrides "{'zero_init_fields': True}" ;;
         *) echo "unknown method $m" >&2; exit 2 ;;
     esac
