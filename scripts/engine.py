@@ -20,6 +20,7 @@ from monai.inferers import Inferer
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 
+from scripts.networks.blocks import LOW_PRECISION
 from scripts.transforms import FusionDataError
 
 __all__ = [
@@ -33,7 +34,7 @@ def float32_outputs(out):
     """Network outputs with float16 / bfloat16 tensors (AMP, the default on CUDA) as float32, in dicts, lists and
     tuples too: what follows (window stitching, colour merging, metrics, NIfTI / PNG writers) runs in float32."""
     if torch.is_tensor(out):
-        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        return out.float() if out.dtype in LOW_PRECISION else out
     if isinstance(out, dict):
         return {k: float32_outputs(v) for k, v in out.items()}
     if isinstance(out, list | tuple):

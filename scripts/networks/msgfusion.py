@@ -301,7 +301,8 @@ class FourierUnit(nn.Module):
             dim = 2 + axis
             re_m, im_m = re.movedim(dim, -1), im.movedim(dim, -1)
             re, im = (re_m @ c - im_m @ s_).movedim(-1, dim), (im_m @ c + re_m @ s_).movedim(-1, dim)
-        weight = torch.full((half,), 2.0, dtype=torch.float64, device=dev)  # Hermitian half-spectrum: interior bins count twice
+        # Hermitian half-spectrum: interior bins count twice
+        weight = torch.full((half,), 2.0, dtype=torch.float64, device=dev)
         weight[0] = 1.0
         if w % 2 == 0:
             weight[-1] = 1.0
