@@ -29,7 +29,7 @@ def full_precision(fn):
                 pred = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in pred.items()}
             elif pred.is_floating_point():
                 pred = pred.float()
-            return fn(self, pred, target.float() if target.is_floating_point() else target, *args, **kwargs)
+            return fn(self, pred, target.float(), *args, **kwargs)
 
     return wrapper
 
@@ -300,8 +300,7 @@ class MACTFusionLoss(nn.Module):
                 or target.shape[2:] != pred.shape[2:]:
             raise ValueError(f"target must hold the sources (B, 2, *S) matching pred {tuple(pred.shape)}, "
                              f"got {tuple(target.shape)}")
-        pred = pred.float()
-        a, b = target[:, 0:1].float(), target[:, 1:2].float()
+        a, b = target[:, 0:1], target[:, 1:2]  # float32: @full_precision
         kw = dict(data_range=self.data_range, kernel_size=self.kernel_size, kernel_sigma=self.kernel_sigma,
                   weights=self.ms_ssim_weights)
         l_ssim = 0.5 * (1 - ms_ssim(pred, a, **kw)).mean() + 0.5 * (1 - ms_ssim(pred, b, **kw)).mean()
@@ -394,15 +393,15 @@ class BSAFusionLoss(nn.Module):
         if self.weights["field"] and target.shape[1] != 2 + dims:
             raise ValueError(f"field_weight > 0 needs the true field in the target (B, {2 + dims}, *S), e.g. "
                              f"RandMisalignd's 'ddf_gt' concatenated to the label; got {tuple(target.shape)}")
-        fused, warped = pred["fused"].float(), pred["warped_border"].float()
-        fixed, truth = target[:, :1].float(), target[:, 1:2].float()
+        fused, warped = pred["fused"], pred["warped_border"]  # tensors in float32: @full_precision
+        fixed, truth = target[:, :1], target[:, 1:2]
         n = fused.shape[0]
         mri = torch.tensor([0.0, 1.0], device=fused.device).expand(n, 2)
         other, half = mri.flip(1), torch.full_like(mri, 0.5)
-        ce = F.cross_entropy(pred["logits_fixed"].float(), mri) + F.cross_entropy(pred["logits_moving"].float(), other)
-        confusion = (F.cross_entropy(pred["logits_disc_fixed"].float(), half)
-                     + F.cross_entropy(pred["logits_disc_moving"].float(), half))
-        smooth = self.smoothness(pred["flow"].float())
+        ce = F.cross_entropy(pred["logits_fixed"], mri) + F.cross_entropy(pred["logits_moving"], other)
+        confusion = (F.cross_entropy(pred["logits_disc_fixed"], half)
+                     + F.cross_entropy(pred["logits_disc_moving"], half))
+        smooth = self.smoothness(pred["flow"])
         for w, phi in zip(self.level_weights, pred["phis"]):
             if w:
                 smooth = smooth + w * self.smoothness(phi.float())
@@ -417,7 +416,7 @@ class BSAFusionLoss(nn.Module):
         if self.mi is not None:
             out["mi"] = self.mi(warped, fixed)
         if target.shape[1] == 2 + dims:
-            out["field"] = torch.linalg.vector_norm(pred["ddf"].float() - target[:, 2:].float(), dim=1).mean()
+            out["field"] = torch.linalg.vector_norm(pred["ddf"] - target[:, 2:], dim=1).mean()
         return out
 
     def forward(self, pred: dict, target: torch.Tensor) -> torch.Tensor:
