@@ -60,6 +60,11 @@ def test_official_ratio_and_data_check(tmp_path, monkeypatch, aanlib_dir):
     assert row["optimised_over_official"] == pytest.approx(row["latency_s"]["optimised"] / 0.5)
     msg = next(r for r in report["results"] if r["name"] == "msgfusion")
     assert msg["paper_s"] == 2.0 and "official_s" not in msg
+    targets = {t["name"]: t for t in report["targets"]}
+    assert set(targets) == {"max", "msgfusion"}
+    assert targets["max"]["value"] == pytest.approx(row["optimised_over_official"])
+    assert targets["max"]["status"] == ("met" if row["optimised_over_official"] <= 0.5 else "missed")
+    assert targets["msgfusion"]["limit"] == 0.5 and targets["msgfusion"]["value"] == msg["latency_s"]["optimised"]
     assert {d["num_workers"] for d in report["data"]} == {0, 2}
     assert all(d["batches_per_s"] > 0 and d["method"] == "msgfusion" for d in report["data"])
 
@@ -75,3 +80,38 @@ def test_scaling_mode_reports_every_side(tmp_path, capsys):
     for r in rows.values():
         assert set(r["latency_s"]) == {16, 32} and all(v > 0 for v in r["latency_s"].values())
     assert json.loads(out.read_text())["scaling"][0]["name"] == "dran"
+
+
+def _row(name, method, device="cpu", size="256x256", **extra):
+    return {"name": name, "method": method, "size": size, "device": device, "latency_s": {"optimised": 1.0},
+            "speedup_optimised_vs_reference": 2.0, **extra}
+
+
+def test_targets_status_margin_and_reason(capsys):
+    rows = [
+        _row("dran", "dran", official_s=1.76, optimised_over_official=0.6),
+        _row("mactfusion", "mactfusion", official_s=2.88, optimised_over_official=0.4),
+        _row("bsafusion", "bsafusion", official_s=0.37, optimised_over_official=2.2, achieved_gflops=30.0,
+             share_of_peak=0.2),
+        _row("msgfusion@64", "msgfusion", paper_s=2.0),
+        _row("dran", "dran", device="cuda", best_pairs_per_s=150.0, best_batch=8),
+        _row("bsafusion", "bsafusion", device="cuda", best_pairs_per_s=80.0, best_batch=8),
+        _row("dran", "dran", size="512x512", official_s=1.76, optimised_over_official=3.0),  # no target at 512
+        _row("average", "average"),  # no official figure: no target
+    ]
+    t = {(x["name"], x["device"]): x for x in benchmark.check_targets(rows, cpu="AMD EPYC 7B13")}
+    assert set(t) == {("dran", "cpu"), ("mactfusion", "cpu"), ("bsafusion", "cpu"), ("msgfusion@64", "cpu"),
+                      ("dran", "cuda"), ("bsafusion", "cuda")}
+    assert t["dran", "cpu"]["status"] == "missed" and t["dran", "cpu"]["by"] == "x1.20 the target latency"
+    assert "nuclear norms" in t["dran", "cpu"]["why"]
+    assert t["mactfusion", "cpu"]["status"] == "met" and "why" not in t["mactfusion", "cpu"]
+    assert t["bsafusion", "cpu"]["status"] == "reported" and "20% of the measured peak" in t["bsafusion", "cpu"]["measured"]
+    assert t["msgfusion@64", "cpu"]["status"] == "missed" and "F = 64" in t["msgfusion@64", "cpu"]["why"]
+    assert t["dran", "cuda"]["status"] == "missed" and t["dran", "cuda"]["by"] == "0.75 of the target throughput"
+    assert t["bsafusion", "cuda"]["status"] == "met"
+    table = benchmark.format_targets(list(t.values()))
+    assert "| dran | cpu | <= 0.50 of official latency (1.76 s) | 0.60 of official (1.000 s) | missed (x1.20" in table
+    assert all(x.get("comparable", True) for x in t.values())
+    other = {x["name"]: x for x in benchmark.check_targets(rows[:2], cpu="Intel(R) Xeon(R) Processor")}
+    assert other["dran"]["comparable"] is False and "optimised / reference ratio (0.50)" in other["dran"]["note"]
+    assert "not comparable" in benchmark.format_targets(list(other.values()))
