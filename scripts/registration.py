@@ -24,7 +24,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 
 __all__ = [
-    "warp", "invert_ddf", "jacobian_determinant", "folding_fraction", "registration_scores",
+    "warp", "invert_ddf", "jacobian_determinant", "folding_fraction", "registration_scores", "refine_field_mi",
     "RandMisalignd", "SplitRegistrationd", "SaveRegistrationd", "grid_picture", "evaluate_misaligned_volumes",
 ]
 
@@ -54,6 +54,55 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "border") -
     img, field = (image, ddf) if batched else (image[None], ddf[None])
     out = _warp_layer(padding_mode)(img.float(), field.float())
     return out if batched else out[0]
+
+
+def refine_field_mi(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor | None = None, iterations: int = 100,
+                    downsample: int = 4, grid: int = 16, smooth: float = 10.0, lr: float = 0.5, num_bins: int = 16,
+                    warp_fn=None) -> torch.Tensor:
+    """Test-time refinement of a pull field by maximising the mutual information of the warped moving image with
+    the fixed one (cross-modal; MONAI ``GlobalMutualInformationLoss``, Gaussian Parzen windows).
+
+    ``fixed``, ``moving`` (B, 1, *S) in [0, 1]; ``ddf`` (B, N, *S) the initial field (``None``: identity), in the
+    order ``warp_fn(image, field)`` expects (default :func:`warp`, MONAI order). A residual field on a coarse
+    control grid (``grid`` nodes per axis, upsampled bicubic in 2D, trilinear in 3D) is optimised with Adam for
+    ``iterations`` steps on both images average-pooled by ``downsample`` (speed, and a coarse-to-fine bias), under a
+    first-difference smoothness penalty of weight ``smooth``; ``lr`` is in pooled pixels. Returns the refined field
+    ``ddf + residual`` (B, N, *S), float32, detached. Runs with autograd on even under ``torch.inference_mode``.
+
+    On the 89 AANLIB moving pairs (defaults, starting from the identity) it lowers the mean MAE to the aligned
+    ground truth (README, "Unaligned pairs"); it is a classical instance optimisation, not part of the published
+    method, and needs no training.
+    """
+    from monai.losses import GlobalMutualInformationLoss
+
+    from scripts.networks.blocks import autocast_off
+
+    warp_fn = warp_fn or warp
+    dims = fixed.ndim - 2
+    mode = "bicubic" if dims == 2 else "trilinear"
+    pool = F.avg_pool2d if dims == 2 else F.avg_pool3d
+    size = tuple(fixed.shape[2:])
+    with torch.inference_mode(False), torch.enable_grad(), autocast_off(fixed.device.type):
+        fix = fixed.detach().float().clone()
+        mov = moving.detach().float().clone()
+        base = torch.zeros(fix.shape[0], dims, *size, device=fix.device) if ddf is None else ddf.detach().float().clone()
+        ds = max(1, min(int(downsample), *(s // 8 for s in size)))  # keep at least 8 pooled pixels per axis
+        fix_s, mov_s = (pool(fix, ds), pool(mov, ds)) if ds > 1 else (fix, mov)
+        small = tuple(fix_s.shape[2:])
+        base_s = F.interpolate(base, size=small, mode="bilinear" if dims == 2 else "trilinear", align_corners=False) / ds
+        residual = torch.zeros(fix.shape[0], dims, *([min(grid, min(small))] * dims), device=fix.device,
+                               requires_grad=True)
+        loss_fn = GlobalMutualInformationLoss(num_bins=num_bins, reduction="sum")
+        opt = torch.optim.Adam([residual], lr=lr)
+        for _ in range(int(iterations)):
+            field = base_s + F.interpolate(residual, size=small, mode=mode, align_corners=True)
+            loss = loss_fn(warp_fn(mov_s, field).clamp(0, 1), fix_s)
+            loss = loss + smooth * sum(residual.diff(dim=2 + a).pow(2).mean() for a in range(dims)) * fix.shape[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return (base + F.interpolate(residual, size=size, mode=mode, align_corners=True) * ds).detach()
 
 
 def invert_ddf(ddf: torch.Tensor, iterations: int = 20) -> torch.Tensor:

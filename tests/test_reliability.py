@@ -506,6 +506,26 @@ def test_networks_fuse_odd_sizes_and_crop_back(method):
         assert tuple(y.shape) == (1, 1, *size) and bool(torch.isfinite(y).all()), (method, size, tuple(y.shape))
 
 
+@pytest.mark.parametrize("method", ["bsafusion", "dran", "mactfusion", "msgfusion"])
+def test_fine_tuning_after_inference_mode_forward(method):
+    """Inference first (torch.inference_mode, as the inference workflow runs), then training of the same module:
+    nothing cached during the inference forward (e.g. weights converted to channels-last) may be an inference
+    tensor that autograd refuses to save."""
+    from scripts.methods import build, load_method_config
+
+    small = {"dran": {"features": 8}, "mactfusion": {"features": [8, 8, 8], "num_heads": 2}, "msgfusion": {"features": 8}}
+    torch.manual_seed(0)
+    net = build(load_method_config(BUNDLE_ROOT, method)["network"], small.get(method, {}), spatial_dims=2).eval()
+    x = torch.rand(2, 2, 32, 32)
+    with torch.inference_mode():
+        net(x, mode="fuse")
+    net.train()
+    out = net(x, mode="train") if method == "bsafusion" else net(x)
+    (out["fused"] if isinstance(out, dict) else out).float().mean().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 # ------------------------------------------------------------------------------------------------------- safety
 def _evil_pickle(tmp_path: Path) -> tuple[Path, Path]:
     """A checkpoint whose unpickling would create ``marker`` (i.e. run code)."""

@@ -423,13 +423,21 @@ class BSAFusion(nn.Module):
         fast: ``True`` (default): the optimised 2D forward (channels-last maps and weights, layout-keeping norms
             and attention; same outputs within float rounding); ``False``: the plain NCHW reference forward.
             Switchable later with :func:`scripts.networks.blocks.set_fast`. 3D always runs the reference path.
+        refine_iters: 0 (default, the published method): the predicted field is used as is. ``> 0``: outside
+            training, the full-resolution field is refined for that many Adam steps by maximising the mutual
+            information of the warped moving image with the MRI (:func:`scripts.registration.refine_field_mi`, a
+            classical test-time instance optimisation, not in the paper) before the fusion decoder, the aligned
+            image and the returned ``ddf`` use it. ``refine_init``: ``"network"`` starts from the predicted field,
+            ``"identity"`` from zero (replaces the network's field: the better choice for the shipped CPU-trained
+            weights, whose field is about a constant offset). ``refine_options``: other keyword arguments.
     """
 
     def __init__(self, spatial_dims: int = 2, hidden_size: int | None = None, num_heads: int = 4,
                  patch_size: int | None = None, depth: int = 2, pos_size: int | None = None, reg_channels=None,
                  fusion_channels=None, shallow_channels: int = 8, official_warp: bool = True,
                  token_shift: bool = True, dropout: float = 0.1, zero_init_fields: bool | None = None,
-                 fast: bool = True) -> None:
+                 fast: bool = True, refine_iters: int = 0, refine_init: str = "network",
+                 refine_options: dict | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -475,13 +483,20 @@ class BSAFusion(nn.Module):
         self._layout = torch.contiguous_format
         self.fast = fast
         set_fast(self, fast)  # the submodules' paths too
+        if refine_iters < 0:
+            raise ValueError(f"refine_iters must be >= 0, got {refine_iters}.")
+        if refine_init not in ("network", "identity"):
+            raise ValueError(f"refine_init must be 'network' or 'identity', got {refine_init!r}.")
+        self.refine_iters, self.refine_init = int(refine_iters), refine_init
+        self.refine_options = dict(refine_options or {})
 
     def _sync_layout(self) -> None:
         """Keep the convolution weights in the layout of the path in use (channels-last for ``fast``): oneDNN
         converts a weight whose layout differs from its input's on every call. Values and state dict unchanged."""
         layout = torch.channels_last if self.fast and self.spatial_dims == 2 else torch.contiguous_format
         if layout != self._layout:
-            with torch.no_grad():
+            # not under inference_mode: weights converted there would become inference tensors, unusable for training
+            with torch.inference_mode(False), torch.no_grad():
                 for m in self.modules():
                     if isinstance(m, nn.Conv2d) and not m.weight.is_contiguous(memory_format=layout):
                         m.weight.data = m.weight.data.contiguous(memory_format=layout)
@@ -524,6 +539,12 @@ class BSAFusion(nn.Module):
         trans_f = self.transfer_fixed(tokens_f, mfrh_m)
         trans_m = self.transfer_moving(tokens_m, mfrh_f)
         phis, flow = self.registration(self._grid(trans_f, shape), self._grid(trans_m, shape))
+        if self.refine_iters and not self.training and mode != "train":
+            from scripts.registration import refine_field_mi
+
+            init = flow if self.refine_init == "network" else None
+            flow = refine_field_mi(fixed, moving, init, self.refine_iters, warp_fn=self.border_warp,
+                                   **self.refine_options).to(flow.dtype)
         fused = self.fusion(shallow_f, shallow_m, self._grid(tokens_f, shape), self._grid(tokens_m, shape), flow)
 
         crop = (..., *(slice(0, s) for s in size))
