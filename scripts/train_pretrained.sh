@@ -44,6 +44,12 @@ for m in $METHODS; do
                     # then whole images (its Fourier unit is global) scored as the metrics see them (clamped)
                     train msgfusion msgfusion_clamp --init_ckpt "$OUT/msgfusion/model.pt" --patch_size "[256, 256]" \
                         --batch_size 2 --learning_rate 1e-4 --lr_schedule cosine --epochs 8 --val_interval 2 \
+                        --loss_overrides "{'clamp_output': True}"
+                    train msgfusion msgfusion_clamp2 --init_ckpt "$OUT/msgfusion_clamp/model.pt" --patch_size "[256, 256]" \
+                        --batch_size 2 --learning_rate 5e-5 --lr_schedule cosine --epochs 8 --val_interval 2 \
+                        --loss_overrides "{'clamp_output': True}"
+                    train msgfusion msgfusion_clamp3 --init_ckpt "$OUT/msgfusion_clamp2/model.pt" --patch_size "[256, 256]" \
+                        --batch_size 2 --learning_rate 5e-5 --lr_schedule cosine --epochs 8 --val_interval 2 \
                         --loss_overrides "{'clamp_output': True}" ;;
         bsafusion)  train bsafusion bsafusion --epochs 4 --val_interval 2 \
                         --network_overrides "{'zero_init_fields': True}"
