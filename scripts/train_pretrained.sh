@@ -60,6 +60,9 @@ for m in $METHODS; do
                         --network_overrides "{'zero_init_fields': True}"
                     train bsafusion bsafusion_whole2 --init_ckpt "$OUT/bsafusion_whole/model.pt" \
                         --patch_size "[256, 256]" --batch_size 2 --learning_rate 5e-5 --lr_schedule cosine --epochs 5 \
+                        --val_interval 1 --network_overrides "{'zero_init_fields': True}"
+                    train bsafusion bsafusion_whole3 --init_ckpt "$OUT/bsafusion_whole2/model.pt" \
+                        --patch_size "[256, 256]" --batch_size 2 --learning_rate 2.5e-5 --lr_schedule cosine --epochs 5 \
                         --val_interval 1 --network_overrides "{'zero_init_fields': True}" ;;
         *) echo "unknown method $m" >&2; exit 2 ;;
     esac
