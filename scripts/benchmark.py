@@ -542,7 +542,8 @@ def check_targets(rows: list, cpu: str | None = None) -> list[dict]:
         method = r.get("method", r["name"])
         lat = r["latency_s"]["optimised"]
         t = None
-        if r["device"] == "cpu" and "official_s" in r:
+        official = r["device"] == "cpu" and "official_s" in r
+        if official:
             ratio = r["optimised_over_official"]
             if method in NEAR_PEAK:
                 share = r.get("share_of_peak", float("nan"))
@@ -570,7 +571,7 @@ def check_targets(rows: list, cpu: str | None = None) -> list[dict]:
                 t["by"] = f"{pps / limit:.2f} of the target throughput"
         if t is None:
             continue
-        if "official" in t["target"]:
+        if official:
             t["comparable"] = not other_class
             if other_class:
                 t["note"] = (f"official latency timed on a 2-vCPU {OFFICIAL_CPU_CLASS}, this CPU is {cpu}: "

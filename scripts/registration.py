@@ -85,11 +85,12 @@ def refine_field_mi(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor
     with torch.inference_mode(False), torch.enable_grad(), autocast_off(fixed.device.type):
         fix = fixed.detach().float().clone()
         mov = moving.detach().float().clone()
-        base = torch.zeros(fix.shape[0], dims, *size, device=fix.device) if ddf is None else ddf.detach().float().clone()
         ds = max(1, min(int(downsample), *(s // 8 for s in size)))  # keep at least 8 pooled pixels per axis
         fix_s, mov_s = (pool(fix, ds), pool(mov, ds)) if ds > 1 else (fix, mov)
         small = tuple(fix_s.shape[2:])
-        base_s = F.interpolate(base, size=small, mode="bilinear" if dims == 2 else "trilinear", align_corners=False) / ds
+        base = 0.0 if ddf is None else ddf.detach().float()
+        base_s = 0.0 if ddf is None else F.interpolate(
+            base, size=small, mode="bilinear" if dims == 2 else "trilinear", align_corners=False) / ds
         residual = torch.zeros(fix.shape[0], dims, *([min(grid, min(small))] * dims), device=fix.device,
                                requires_grad=True)
         loss_fn = GlobalMutualInformationLoss(num_bins=num_bins, reduction="sum")

@@ -685,6 +685,11 @@ def test_bsafusion_refine_option_eval_only_and_validated(small_net):
     assert refined["ddf"].shape == plain["ddf"].shape and not torch.allclose(refined["ddf"], plain["ddf"])
     assert torch.allclose(refined["aligned"], warp(x[:, 1:], refined["ddf"]), atol=1e-5)
     assert torch.equal(refined["logits_fixed"], plain["logits_fixed"])
+    net.refine_init = "network"  # from the predicted (inference-mode) field
+    with torch.inference_mode():
+        from_net = net(x, mode="full")["ddf"]
+    assert torch.isfinite(from_net).all() and not torch.allclose(from_net, plain["ddf"])
+    net.refine_init = "identity"
     net.train()
     small_net.train()
     torch.manual_seed(1)
